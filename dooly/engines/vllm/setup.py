@@ -1,0 +1,75 @@
+"""Building vLLM configs and a one-process distributed world, the way vLLM's own tests do."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from dooly.errors import DoolyError
+
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+_WORLD_DIR = tempfile.mkdtemp(prefix="dooly-vllm-")
+
+
+def write_model_dir(config: dict, folder: Path) -> Path:
+    """A model folder vLLM can read: config.json only (weights are dummy, tokenizer skipped)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def engine_config(model_dir: Path, dtype: str, tp: int = 1, **engine_kwargs):
+    """The VllmConfig `LLM(model_dir, enforce_eager=True, ...)` would build on this platform."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.usage.usage_lib import UsageContext
+
+    args = EngineArgs(model=str(model_dir), skip_tokenizer_init=True, load_format="dummy", dtype=dtype,
+                      enforce_eager=True, tensor_parallel_size=tp, **engine_kwargs)
+    try:
+        with _quiet():
+            return args.create_engine_config(UsageContext.LLM_CLASS)
+    except Exception as e:  # vLLM validates the config; surface its message on one line
+        msg = str(e).strip().splitlines()
+        raise DoolyError(f"vLLM rejected the model config: {msg[-1] if msg else type(e).__name__}") from None
+
+
+@contextlib.contextmanager
+def _quiet():
+    logger = logging.getLogger("vllm")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def ensure_world() -> None:
+    """A single-process world (rank 0 of 1, gloo), initialised once per process."""
+    from vllm.distributed import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        return
+    ps.init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
+                                    distributed_init_method=f"file://{_WORLD_DIR}/world")
+    ps.ensure_model_parallel_initialized(1, 1)
+
+
+@contextlib.contextmanager
+def worker_context(cfg):
+    """What a vLLM worker sets up before running its model: current config, IR op priorities."""
+    import vllm.ir
+    from vllm.config import set_current_vllm_config
+
+    with set_current_vllm_config(cfg):
+        ensure_world()
+        cfg.kernel_config.ir_op_priority.set_default()
+        vllm.ir.set_default_torch_wrap(cfg.compilation_config.ir_enable_torch_wrap)
+        yield

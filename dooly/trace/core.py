@@ -1,0 +1,231 @@
+"""Tracing a model: one engine run under the real config, differential runs for labels, signatures.
+
+    engine run (real config)  ─┐
+    engine run (perturbed 1)  ─┼─ align op lists ─ label every dim ─ signatures ─ Trace
+    engine run (perturbed 2)  ─┘
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+import sympy
+
+from dooly.catalog import ModelSpec
+from dooly.engines import RunResult, get_engine
+from dooly.errors import DoolyError
+from dooly.trace.labels import Solver, config_params, perturbed_config
+from dooly.trace.records import REQUEST_VARS, ArgSpec, RawArg, RawOp, Trace, TracedOp
+
+DTYPES = ("bfloat16", "float16", "float32")
+PERTURBED_RUNS = 2
+REDUCED_LAYERS = 2  # perturbed runs use 2 layers when every later layer repeats layer 1 exactly
+
+_REQ = {n: sympy.Symbol(n, integer=True, positive=True) for n in REQUEST_VARS}
+
+
+def _rename(run: RunResult):
+    mapping = {sym: _REQ[name] for sym, name in run.symbols.items()}
+
+    def conv(x):
+        return sympy.sympify(x).xreplace(mapping) if not isinstance(x, int) else x
+
+    return conv
+
+
+def _segments(ops: list[RawOp]) -> list[tuple[tuple, list[int]]]:
+    """Consecutive runs of op indices by (phase, decoder layer); layer None = outside the layers."""
+    segs: list[tuple[tuple, list[int]]] = []
+    for i, op in enumerate(ops):
+        key = (op.phase, op.layer)
+        if segs and segs[-1][0] == key:
+            segs[-1][1].append(i)
+        else:
+            segs.append((key, [i]))
+    return segs
+
+
+def _strip(op: RawOp):
+    return (op.op, op.args, op.attrs, op.phase)
+
+
+def _reducible(ops: list[RawOp], num_layers: int) -> bool:
+    """In every phase, does every layer from 1 on run exactly what layer 1 runs (ops, shapes, attrs)?"""
+    if num_layers <= REDUCED_LAYERS:
+        return False
+    by_phase: dict[str, list[list[int]]] = {}
+    for (phase, layer), idx in _segments(ops):
+        if layer is not None:
+            if layer != len(by_phase.setdefault(phase, [])):
+                return False  # layers interleave or repeat: keep every layer in the perturbed runs
+            by_phase[phase].append(idx)
+    for layers in by_phase.values():
+        if len(layers) != num_layers:
+            return False
+        ref = [_strip(ops[i]) for i in layers[REDUCED_LAYERS - 1]]
+        if any([_strip(ops[i]) for i in idx] != ref for idx in layers[REDUCED_LAYERS:]):
+            return False
+    return True
+
+
+def _align(real: list[RawOp], other: list[RawOp], reduced: bool) -> list[int]:
+    """For each op of the real run, the index of the same op in a perturbed run."""
+    if not reduced:
+        if [o.op for o in real] != [o.op for o in other]:
+            raise DoolyError("a perturbed trace ran different operations; labels cannot be established")
+        return list(range(len(real)))
+    by_layer = {key: idx for key, idx in _segments(other) if key[1] is not None}
+    outside = [idx for key, idx in _segments(other) if key[1] is None]
+    mapping: list[int] = []
+    k = 0
+    for (phase, layer), idx in _segments(real):
+        if layer is None:
+            target = outside[k] if k < len(outside) else []
+            k += 1
+        else:
+            target = by_layer.get((phase, min(layer, REDUCED_LAYERS - 1)), [])
+        if [real[i].op for i in idx] != [other[j].op for j in target]:
+            raise DoolyError("a perturbed trace ran different operations; labels cannot be established")
+        mapping.extend(target)
+    return mapping
+
+
+class _Labeller:
+    def __init__(self, solver: Solver, params: dict[str, int]):
+        self.solver = solver
+        self.params = {solver.symbols[k]: v for k, v in params.items()}
+        self.unresolved = 0
+
+    def value(self, values: list) -> str:
+        """Label one size seen across runs: ints and/or polynomials in request variables."""
+        if all(isinstance(v, int) or (isinstance(v, sympy.Basic) and v.is_Integer) for v in values):
+            text, ok = self.solver.label(tuple(int(v) for v in values))
+            self.unresolved += not ok
+            return text
+        exprs = [sympy.expand(sympy.sympify(v)) for v in values]
+        req = sorted(set().union(*(e.free_symbols for e in exprs)), key=str)
+        try:
+            polys = [sympy.Poly(e, *req).as_dict() for e in exprs]
+        except sympy.PolynomialError:
+            polys = None
+        if polys is None or any(set(p) != set(polys[0]) for p in polys):
+            if all(e == exprs[0] for e in exprs):
+                return str(exprs[0])
+            self.unresolved += 1
+            return f"?{exprs[0]}"
+        out = sympy.Integer(0)
+        for monom in polys[0]:
+            coeff, ok = self.solver.label(tuple(int(p[monom]) for p in polys))
+            self.unresolved += not ok
+            term = sympy.sympify(coeff.lstrip("?"), locals=self.solver.symbols)
+            for sym, power in zip(req, monom):
+                term = term * sym**power
+            out = out + term
+        return str(out)
+
+    def arg(self, args: list[RawArg]) -> ArgSpec:
+        a = args[0]
+        if a.kind == "tensor":
+            if any(len(x.shape) != len(a.shape) for x in args):
+                self.unresolved += len(a.shape)
+                return ArgSpec("tensor", tuple(f"?{d}" for d in a.shape), a.dtype, a.contiguous)
+            dims = tuple(self.value([x.shape[d] for x in args]) for d in range(len(a.shape)))
+            return ArgSpec("tensor", dims, a.dtype, a.contiguous)
+        if a.kind in ("int", "ints"):
+            if any(len(x.ints) != len(a.ints) for x in args):
+                self.unresolved += len(a.ints)
+                return ArgSpec(a.kind, tuple(f"?{d}" for d in a.ints))
+            return ArgSpec(a.kind, tuple(self.value([x.ints[d] for x in args]) for d in range(len(a.ints))))
+        if a.kind == "tensors":
+            if any(len(x.items) != len(a.items) for x in args):
+                self.unresolved += 1
+                return ArgSpec("tensors", items=tuple(self.arg([i]) for i in a.items))
+            return ArgSpec("tensors", items=tuple(self.arg([x.items[k] for x in args]) for k in range(len(a.items))))
+        return ArgSpec("const", value=a.value)
+
+    def concrete(self, text: str) -> str:
+        """A label with config parameters replaced by this model's values (request vars stay)."""
+        if text.startswith("?"):
+            return text[1:]
+        expr = sympy.sympify(text, locals={**self.solver.symbols, **_REQ})
+        return str(expr.xreplace(self.params))
+
+
+def _signature_text(op: str, args: tuple[ArgSpec, ...], attrs: tuple, lab: _Labeller) -> str:
+    def conc(a: ArgSpec):
+        if a.kind == "tensor":
+            return {"t": [lab.concrete(d) for d in a.dims], "dtype": a.dtype, "contig": a.contiguous}
+        if a.kind in ("int", "ints"):
+            return {a.kind: [lab.concrete(d) for d in a.dims]}
+        if a.kind == "tensors":
+            return {"items": [conc(i) for i in a.items]}
+        return {"c": a.value}
+
+    return json.dumps({"op": op, "args": [conc(a) for a in args], "attrs": [list(kv) for kv in attrs]},
+                      sort_keys=True, separators=(",", ":"), default=str)
+
+
+def signature_id(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def trace_model(spec: ModelSpec, engine: str = "vllm", tp: int = 1, dtype: str = "bfloat16",
+                hints: tuple[int, int] | None = None) -> Trace:
+    """Trace one step of `spec` on `engine` and label every dimension of every op by its origin."""
+    if dtype not in DTYPES:
+        raise DoolyError(f"unknown dtype {dtype!r}; dtypes: {', '.join(DTYPES)}")
+    if not isinstance(tp, int) or tp < 1:
+        raise DoolyError(f"tensor-parallel degree must be a positive integer, got {tp!r}")
+    params = config_params(spec.config, tp)
+    for key in ("num_attention_heads", "num_key_value_heads"):
+        if params[key] % tp:
+            raise DoolyError(f"--tp {tp} does not divide {key}={params[key]} of {spec.name}")
+    eng = get_engine(engine)
+    kwargs = {"hints": hints} if hints else {}
+    start = time.perf_counter()
+    real = eng.run_trace(spec.config, tp=tp, dtype=dtype, **kwargs)
+    if real.specialized:
+        raise DoolyError(f"the engine pinned request variables {real.specialized} to constants")
+    num_layers = spec.config["num_hidden_layers"]
+    reduced = _reducible(real.ops, num_layers)
+    notes = [f"{engine}: labels from 1 real + {PERTURBED_RUNS} perturbed-config runs"
+             + (f" ({REDUCED_LAYERS} layers each: layers 1..{num_layers - 1} are identical)" if reduced else "")]
+    runs, param_runs = [real], [params]
+    for r in range(1, PERTURBED_RUNS + 1):
+        cfg_r, tp_r = perturbed_config(spec.config, tp, r, REDUCED_LAYERS if reduced else None)
+        runs.append(eng.run_trace(cfg_r, tp=tp_r, dtype=dtype, **kwargs))
+        param_runs.append(config_params(cfg_r, tp_r))
+    maps = [list(range(len(real.ops)))] + [_align(real.ops, r.ops, reduced) for r in runs[1:]]
+    convs = [_rename(r) for r in runs]
+    solver = Solver(param_runs)
+    lab = _Labeller(solver, params)
+    traced: list[TracedOp] = []
+    for i, op in enumerate(real.ops):
+        before = lab.unresolved
+        per_run = [runs[k].ops[maps[k][i]] for k in range(len(runs))]
+        args = []
+        for j in range(len(op.args)):
+            raw = [_convert(p.args[j], convs[k]) for k, p in enumerate(per_run)]
+            args.append(lab.arg(raw))
+        args_t = tuple(args)
+        text = _signature_text(op.op, args_t, op.attrs, lab)
+        traced.append(TracedOp(op.op, op.module, op.phase, args_t, op.attrs, signature_id(text), text,
+                               lab.unresolved - before))
+    by_name = {str(sym): _REQ[name] for sym, name in real.symbols.items()}
+    guards = sorted({str(sympy.sympify(g, locals=by_name)) for g in real.guards})
+    return Trace(model=spec.name, engine=engine, engine_version=eng.version(), tp=tp, dtype=dtype,
+                 config_params=params, request_vars=eng.request_vars, ops=traced,
+                 unresolved=lab.unresolved, guards=guards, notes=notes,
+                 seconds=time.perf_counter() - start)
+
+
+def _convert(a: RawArg, conv) -> RawArg:
+    if a.kind == "tensor":
+        return RawArg("tensor", shape=tuple(conv(d) for d in a.shape), dtype=a.dtype, contiguous=a.contiguous)
+    if a.kind in ("int", "ints"):
+        return RawArg(a.kind, ints=tuple(conv(d) for d in a.ints))
+    if a.kind == "tensors":
+        return RawArg("tensors", items=tuple(_convert(i, conv) for i in a.items))
+    return a
