@@ -151,6 +151,8 @@ class Solver:
                 self._add(score + (coeff != 1) + 1, coeff * expr / S["tp"], [cv[i] / tp[i] for i in R])
                 self._add(score + (coeff != 1) + 1, coeff * expr * S["tp"], [cv[i] * tp[i] for i in R])
         self._add(1, S["tp"], list(tp))
+        for n in names:  # offsets of rank 0's shard end in a sharded dim (e.g. vLLM's vocab masking)
+            self._add(3, S[n] - S[n] / S["tp"], [vals[n][i] - vals[n][i] / tp[i] for i in R])
 
     def label(self, values: tuple[int, ...]) -> tuple[str, bool]:
         """(expression, resolved). A value equal in every run is a literal constant of the code."""

@@ -44,6 +44,11 @@ def _const_text(x) -> str:
     return f"<{type(x).__name__}>"
 
 
+# Metadata queries that reach the dispatcher only for tensor subclasses (FakeTensor), never in a
+# real run: not operations the engine executes.
+_NOT_EXECUTED = frozenset({torch.ops.prim.device.default, torch.ops.prim.layout.default})
+
+
 class _ModulePaths:
     """Tracks the innermost running module of `model` through global forward hooks."""
 
@@ -118,6 +123,8 @@ class OpRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in _NOT_EXECUTED:
+            return func(*args, **kwargs)
         attrs: dict = {}
         described = [self._describe(a, attrs) for a in args]
         described += [self._describe(kwargs[k], attrs) for k in sorted(kwargs)]

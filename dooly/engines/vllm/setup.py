@@ -52,11 +52,15 @@ def _quiet():
 
 
 def ensure_world() -> None:
-    """A single-process world (rank 0 of 1, gloo), initialised once per process."""
+    """A single-process world (rank 0 of 1, gloo); model-parallel groups made for the current config.
+
+    vLLM creates some groups (e.g. expert parallel) only for configs that need them, so the groups
+    are rebuilt for every model; the process group itself is initialised once per process.
+    """
     from vllm.distributed import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
-        return
+        ps.destroy_model_parallel()
     ps.init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
                                     distributed_init_method=f"file://{_WORLD_DIR}/world")
     ps.ensure_model_parallel_initialized(1, 1)

@@ -152,8 +152,9 @@ def run_trace(config: dict, tp: int = 1, dtype: str = "bfloat16", rank: int = 0,
                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         dynamic = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC])
         n_tok, n_req = hints
-        input_ids = fm.from_tensor(torch.zeros(n_tok, dtype=torch.long), symbolic_context=dynamic)
-        logits_idx = fm.from_tensor(torch.zeros(n_req, dtype=torch.long), symbolic_context=dynamic)
+        # dtypes as the model runner's persistent input buffers hold them
+        input_ids = fm.from_tensor(torch.zeros(n_tok, dtype=torch.int32), symbolic_context=dynamic)
+        logits_idx = fm.from_tensor(torch.zeros(n_req, dtype=torch.int64), symbolic_context=dynamic)
         symbols = {input_ids.shape[0].node.expr: "num_tokens", logits_idx.shape[0].node.expr: "num_reqs"}
         describe = _attention_attrs(cfg)
         with as_tp_rank(tp, rank), torch.inference_mode(), fm:

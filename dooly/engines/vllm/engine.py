@@ -1,0 +1,61 @@
+"""The real vLLM engine, in-process with dummy weights, and a recorder of what its model executes.
+
+Used to check the tracer against what the engine really runs (and, later, for ground truth).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+from dooly.engines.vllm.setup import write_model_dir
+from dooly.engines.vllm.tracer import _attention_attrs
+from dooly.trace.recorder import record_ops
+
+
+def start_engine(config: dict, dtype: str = "bfloat16", kv_cache_gib: int = 1, **engine_kwargs):
+    """An in-process `vllm.LLM` (V1 engine, eager) on a random-weight model built from `config`."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+    from vllm import LLM
+
+    folder = write_model_dir(config, Path(tempfile.mkdtemp(prefix="dooly-engine-")))
+    return LLM(model=str(folder), skip_tokenizer_init=True, load_format="dummy", dtype=dtype,
+               enforce_eager=True, **engine_kwargs)
+
+
+def model_runner(llm):
+    return llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+
+
+@contextlib.contextmanager
+def record_engine_model(llm):
+    """Record every op the engine's model runs (forward + compute_logits) inside the block.
+
+    Yields a list that receives one op list per model forward (one engine step).
+    """
+    runner = model_runner(llm)
+    model = runner.model
+    describe = _attention_attrs(runner.vllm_config)
+    steps: list[list] = []
+    forward, logits = model.forward, model.compute_logits
+
+    def rec_forward(*args, **kwargs):
+        with record_ops(model, describe) as rec:
+            out = forward(*args, **kwargs)
+        steps.append(rec.ops)
+        return out
+
+    def rec_logits(*args, **kwargs):
+        with record_ops(model, describe) as rec:
+            out = logits(*args, **kwargs)
+        steps[-1] = steps[-1] + rec.ops
+        return out
+
+    model.forward, model.compute_logits = rec_forward, rec_logits
+    try:
+        yield steps
+    finally:
+        del model.forward, model.compute_logits  # back to the class methods
