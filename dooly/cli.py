@@ -114,6 +114,18 @@ def plan(
                   f"({100 * (1 - unique / total):.1f}% shared)")
 
 
+@app.command()
+def quickstart(
+    model: str = typer.Option("dooly/tiny-llama", help="model whose step is traced and shown"),
+    suite: str = typer.Option("7b", help="catalog suite whose cross-model sharing is shown"),
+) -> None:
+    """The main job so far: trace one model's step, then show signature sharing across a suite."""
+    console.rule(f"1. trace {model} on vLLM")
+    trace(model=model, engine="vllm", tp=1, dtype="bfloat16", fmt="table", all_ops=False)
+    console.rule(f"2. signatures shared across suite {suite!r}")
+    plan(models=None, suite=suite, engine="vllm", tp=1, dtype="bfloat16")
+
+
 def main() -> None:
     app()
 

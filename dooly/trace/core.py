@@ -97,8 +97,22 @@ class _Labeller:
         self.solver = solver
         self.params = {solver.symbols[k]: v for k, v in params.items()}
         self.unresolved = 0
+        self._memo: dict[tuple, tuple[str, int]] = {}
+        self._concrete: dict[str, str] = {}
 
     def value(self, values: list) -> str:
+        """Label one size seen across runs (memoised: the same sizes recur in every layer)."""
+        key = tuple(values)
+        if key not in self._memo:
+            before = self.unresolved
+            text = self._value(values)
+            self._memo[key] = (text, self.unresolved - before)
+            self.unresolved = before
+        text, missed = self._memo[key]
+        self.unresolved += missed
+        return text
+
+    def _value(self, values: list) -> str:
         """Label one size seen across runs: ints and/or polynomials in request variables."""
         if all(isinstance(v, int) or (isinstance(v, sympy.Basic) and v.is_Integer) for v in values):
             text, ok = self.solver.label(tuple(int(v) for v in values))
@@ -149,8 +163,10 @@ class _Labeller:
         """A label with config parameters replaced by this model's values (request vars stay)."""
         if text.startswith("?"):
             return text[1:]
-        expr = sympy.sympify(text, locals={**self.solver.symbols, **_REQ})
-        return str(expr.xreplace(self.params))
+        if text not in self._concrete:
+            expr = sympy.sympify(text, locals={**self.solver.symbols, **_REQ})
+            self._concrete[text] = str(expr.xreplace(self.params))
+        return self._concrete[text]
 
 
 def _signature_text(op: str, args: tuple[ArgSpec, ...], attrs: tuple, lab: _Labeller) -> str:
