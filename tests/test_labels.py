@@ -157,3 +157,13 @@ def test_bad_configs(tmp_path):
         assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
         assert message in r.stderr
     assert "did you mean meta-llama/Llama-2-7b-hf" in _cli("trace", "meta-llama/Llama-2-7b").stderr
+
+
+def test_trace_json_output():
+    r = _cli("trace", "dooly/tiny-mixtral", "--format", "json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads(r.stdout)
+    assert d["model"] == "dooly/tiny-mixtral" and d["engine"] == "vllm" and d["unresolved"] == 0
+    gemm = next(o for o in d["ops"] if o["op"] == "_C::onednn_mm" and o["module"].endswith("qkv_proj"))
+    assert gemm["count"] == 2 and gemm["dims"][0] == ["num_tokens", QKV]
+    assert all({"op", "signature", "count", "dims"} <= set(o) for o in d["ops"])
