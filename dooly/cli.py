@@ -114,6 +114,145 @@ def plan(
                   f"({100 * (1 - unique / total):.1f}% shared)")
 
 
+db_app = typer.Typer(no_args_is_help=True, help="Inspect the latency database.")
+app.add_typer(db_app, name="db")
+
+_DB_HELP = "database URL (default: $DOOLY_DB, else SQLite at ~/.local/share/dooly/latency.db)"
+
+
+def _check_limits(**limits: int) -> None:
+    for name, value in limits.items():
+        if value is not None and value <= 0:
+            raise DoolyError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+
+
+@app.command()
+def profile(
+    models: Optional[list[str]] = typer.Argument(None, help="models to profile (HF ids or config paths)"),
+    suite: Optional[str] = typer.Option(None, help="a named set from the catalog"),
+    engine: str = typer.Option("vllm"),
+    db: Optional[str] = typer.Option(None, "--db", help=_DB_HELP),
+    dtype: str = typer.Option("bfloat16"),
+    tp: int = typer.Option(1, "--tp"),
+    max_num_batched_tokens: int = typer.Option(4096, help="engine limit: tokens per step"),
+    max_num_seqs: int = typer.Option(256, help="engine limit: requests per step"),
+    grid: str = typer.Option("full", help="sweep grid: full | reduced"),
+    threads: Optional[int] = typer.Option(None, help="threads to time with (default: what the engine uses)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the plan, measure nothing"),
+) -> None:
+    """Measure the operations of MODELS that the latency database does not hold yet."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from dooly.catalog import resolve, suite as suite_models
+    from dooly.db import LatencyDB
+    from dooly.profile import GRIDS, Limits, current_environment, default_threads, plan_profile, run_profile
+    from dooly.engines import get_engine
+    from dooly.trace import DTYPES, trace_model
+
+    try:
+        _check_limits(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, threads=threads)
+        if dtype not in DTYPES:
+            raise DoolyError(f"unknown dtype {dtype!r}; dtypes: {', '.join(DTYPES)}")
+        if grid not in GRIDS:
+            raise DoolyError(f"unknown grid {grid!r}; grids: {', '.join(GRIDS)}")
+        names = list(models or []) + (suite_models(suite) if suite else [])
+        if not names:
+            raise DoolyError("give models or --suite NAME")
+        specs = [resolve(m) for m in names]
+        eng = get_engine(engine)
+        database = LatencyDB(db, create=not dry_run) if not dry_run else _maybe_db(db)
+        limits = Limits(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
+        env = current_environment(engine, eng.version(), dtype, threads or default_threads())
+        traces = [trace_model(s, engine=engine, tp=tp, dtype=dtype) for s in specs]
+        stored = database.points(env.key) if database else {}
+        plan_ = plan_profile(traces, env, stored, grid, limits)
+    except DoolyError as e:
+        _fail(e)
+    missing = plan_.missing
+    if dry_run:
+        table = Table("op", "signature", "request vars", "points", "to measure", "models")
+        for w in plan_.work:
+            todo = sum(1 for p in w.points if (w.signature, p) not in plan_.stored)
+            table.add_row(w.op, w.signature[:8], ",".join(w.variables) or "-", str(len(w.points)), str(todo),
+                          str(len(w.models)))
+        console.print(table)
+        console.print(f"{len(plan_.work)} stateless signatures, {len(missing)} points to measure, "
+                      f"{sum(len(w.points) for w in plan_.work) - len(missing)} reused; "
+                      f"{len(plan_.deferred)} stateful/collective signatures are not profiled by this stage; "
+                      f"estimated {plan_.estimate_s():.0f} s of device time")
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as bar:
+        task = bar.add_task("profiling", total=len(missing))
+
+        def tick(op, done, total):
+            bar.update(task, completed=done, description=f"profiling {op}")
+
+        try:
+            summary = run_profile(plan_, database, tick)
+        except DoolyError as e:
+            _fail(e)
+    table = Table("", "value")
+    table.add_row("models", str(len(summary.models)))
+    table.add_row("stateless signatures", f"{summary.signatures} ({summary.signatures_measured} profiled, "
+                                          f"{summary.signatures_reused} reused)")
+    table.add_row("points", f"{summary.points_measured} measured, {summary.points_reused} reused")
+    table.add_row("device-seconds spent", f"{summary.device_s:.1f}")
+    table.add_row("without reuse (per-model profiler)", f"{summary.baseline_s:.1f}")
+    table.add_row("saved", f"{summary.saved_pct:.1f}%")
+    table.add_row("not profiled here (stateful/collective)", str(summary.deferred))
+    console.print(table)
+    for sig, reason in summary.failed.items():
+        console.print(f"could not replay {sig[:8]}: {escape(reason)}", highlight=False)
+    console.print(f"database: {database.url}")
+
+
+def _maybe_db(url):
+    from dooly.db import LatencyDB
+
+    try:
+        return LatencyDB(url, create=False)
+    except DoolyError as e:
+        if "no database at" in str(e):
+            return None
+        raise
+
+
+@db_app.command("stats")
+def db_stats(db: Optional[str] = typer.Option(None, "--db", help=_DB_HELP)) -> None:
+    """Per environment: signatures, points and device-seconds stored."""
+    from dooly.db import LatencyDB
+
+    try:
+        database = LatencyDB(db, create=False)
+    except DoolyError as e:
+        _fail(e)
+    table = Table("env", "device", "engine", "dtype", "threads", "signatures", "points", "device-s", "runs")
+    for r in database.stats():
+        e = r["environment"]
+        table.add_row(r["env"], f"{e.device_name} [{e.isa}]", e.engine_version, e.dtype, str(e.threads),
+                      str(r["signatures"]), str(r["points"]), f"{r['device_s']:.1f}", str(r["runs"]))
+    console.print(table)
+    console.print(f"database: {database.url}")
+
+
+@db_app.command("ls")
+def db_ls(db: Optional[str] = typer.Option(None, "--db", help=_DB_HELP),
+          env: Optional[str] = typer.Option(None, help="only this environment key")) -> None:
+    """Every stored signature: op, number of points, latency range."""
+    from dooly.db import LatencyDB
+
+    try:
+        database = LatencyDB(db, create=False)
+    except DoolyError as e:
+        _fail(e)
+    table = Table("env", "signature", "op", "points", "min us", "max us")
+    for r in database.listing(env):
+        table.add_row(r["env"], r["signature"], r["op"], str(r["points"]), f"{r['min_us']:.1f}",
+                      f"{r['max_us']:.1f}")
+    console.print(table)
+
+
 @app.command()
 def quickstart(
     model: str = typer.Option("dooly/tiny-llama", help="model whose step is traced and shown"),

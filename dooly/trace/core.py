@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -140,13 +141,23 @@ class _Labeller:
         return str(out)
 
     def arg(self, args: list[RawArg]) -> ArgSpec:
+        return dataclasses.replace(self._arg(args), name=args[0].name)
+
+    def _arg(self, args: list[RawArg]) -> ArgSpec:
         a = args[0]
         if a.kind == "tensor":
             if any(len(x.shape) != len(a.shape) for x in args):
                 self.unresolved += len(a.shape)
                 return ArgSpec("tensor", tuple(f"?{d}" for d in a.shape), a.dtype, a.contiguous)
             dims = tuple(self.value([x.shape[d] for x in args]) for d in range(len(a.shape)))
-            return ArgSpec("tensor", dims, a.dtype, a.contiguous)
+            strides: tuple = ()
+            if a.strides:
+                if any(len(x.strides) != len(a.strides) for x in args):
+                    self.unresolved += len(a.strides)
+                    strides = tuple(f"?{d}" for d in a.strides)
+                else:
+                    strides = tuple(self.value([x.strides[d] for x in args]) for d in range(len(a.strides)))
+            return ArgSpec("tensor", dims, a.dtype, a.contiguous, strides)
         if a.kind in ("int", "ints"):
             if any(len(x.ints) != len(a.ints) for x in args):
                 self.unresolved += len(a.ints)
@@ -155,8 +166,8 @@ class _Labeller:
         if a.kind == "tensors":
             if any(len(x.items) != len(a.items) for x in args):
                 self.unresolved += 1
-                return ArgSpec("tensors", items=tuple(self.arg([i]) for i in a.items))
-            return ArgSpec("tensors", items=tuple(self.arg([x.items[k] for x in args]) for k in range(len(a.items))))
+                return ArgSpec("tensors", items=tuple(self._arg([i]) for i in a.items))
+            return ArgSpec("tensors", items=tuple(self._arg([x.items[k] for x in args]) for k in range(len(a.items))))
         return ArgSpec("const", value=a.value)
 
     def concrete(self, text: str) -> str:
@@ -172,12 +183,18 @@ class _Labeller:
 def _signature_text(op: str, args: tuple[ArgSpec, ...], attrs: tuple, lab: _Labeller) -> str:
     def conc(a: ArgSpec):
         if a.kind == "tensor":
-            return {"t": [lab.concrete(d) for d in a.dims], "dtype": a.dtype, "contig": a.contiguous}
-        if a.kind in ("int", "ints"):
-            return {a.kind: [lab.concrete(d) for d in a.dims]}
-        if a.kind == "tensors":
-            return {"items": [conc(i) for i in a.items]}
-        return {"c": a.value}
+            out = {"t": [lab.concrete(d) for d in a.dims], "dtype": a.dtype, "contig": a.contiguous}
+            if a.strides:
+                out["strides"] = [lab.concrete(d) for d in a.strides]
+        elif a.kind in ("int", "ints"):
+            out = {a.kind: [lab.concrete(d) for d in a.dims]}
+        elif a.kind == "tensors":
+            out = {"items": [conc(i) for i in a.items]}
+        else:
+            out = {"c": a.value}
+        if a.name:
+            out["name"] = a.name
+        return out
 
     return json.dumps({"op": op, "args": [conc(a) for a in args], "attrs": [list(kv) for kv in attrs]},
                       sort_keys=True, separators=(",", ":"), default=str)
@@ -239,9 +256,9 @@ def trace_model(spec: ModelSpec, engine: str = "vllm", tp: int = 1, dtype: str =
 
 def _convert(a: RawArg, conv) -> RawArg:
     if a.kind == "tensor":
-        return RawArg("tensor", shape=tuple(conv(d) for d in a.shape), dtype=a.dtype, contiguous=a.contiguous)
+        return dataclasses.replace(a, shape=tuple(conv(d) for d in a.shape), strides=tuple(conv(d) for d in a.strides))
     if a.kind in ("int", "ints"):
-        return RawArg(a.kind, ints=tuple(conv(d) for d in a.ints))
+        return dataclasses.replace(a, ints=tuple(conv(d) for d in a.ints))
     if a.kind == "tensors":
-        return RawArg("tensors", items=tuple(_convert(i, conv) for i in a.items))
+        return dataclasses.replace(a, items=tuple(_convert(i, conv) for i in a.items))
     return a

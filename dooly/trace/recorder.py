@@ -6,6 +6,7 @@ Nothing here computes labels or signatures; it turns what ran into RawOp records
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Callable
 
 import re
@@ -101,9 +102,10 @@ class OpRecorder(TorchDispatchMode):
 
     def _describe(self, x, attrs: dict) -> RawArg:
         if isinstance(x, torch.Tensor):
+            contiguous = bool(x.is_contiguous())
             return RawArg("tensor", shape=tuple(_int_value(s) for s in x.shape),
-                          dtype=str(x.dtype).removeprefix("torch."),
-                          contiguous=bool(x.is_contiguous()))
+                          dtype=str(x.dtype).removeprefix("torch."), contiguous=contiguous,
+                          strides=() if contiguous else tuple(_int_value(s) for s in x.stride()))
         if isinstance(x, (torch.SymInt, int)) and not isinstance(x, bool):
             return RawArg("int", ints=(_int_value(x),))
         if isinstance(x, (list, tuple)):
@@ -127,7 +129,7 @@ class OpRecorder(TorchDispatchMode):
             return func(*args, **kwargs)
         attrs: dict = {}
         described = [self._describe(a, attrs) for a in args]
-        described += [self._describe(kwargs[k], attrs) for k in sorted(kwargs)]
+        described += [dataclasses.replace(self._describe(kwargs[k], attrs), name=k) for k in sorted(kwargs)]
         self.ops.append(RawOp(op_name(func), self.paths.current, tuple(described),
                               tuple(sorted(attrs.items())), self.phase, self.paths.layer))
         return func(*args, **kwargs)

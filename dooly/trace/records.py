@@ -26,9 +26,11 @@ class RawArg:
     shape: tuple = ()  # tensor: one int/sympy expr per dim
     dtype: str = ""  # tensor: torch dtype name
     contiguous: bool = True  # tensor: is it contiguous in memory
+    strides: tuple = ()  # tensor: element strides when not contiguous (ints/sympy), else ()
     ints: tuple = ()  # "int"/"ints": the int/sympy values
     items: tuple = ()  # "tensors": nested RawArg per tensor
     value: str = ""  # "const": canonical text of a float/bool/str/dtype/None/object
+    name: str = ""  # keyword argument name ("" = positional)
 
 
 @dataclass(frozen=True)
@@ -51,8 +53,10 @@ class ArgSpec:
     dims: tuple = ()  # expression strings: tensor dims, or the int/ints values
     dtype: str = ""
     contiguous: bool = True
+    strides: tuple = ()  # labelled element strides of a non-contiguous tensor
     items: tuple = ()  # "tensors": nested ArgSpec
     value: str = ""
+    name: str = ""  # keyword argument name ("" = positional)
 
     def tensor_dims(self) -> list[tuple]:
         """Dims of every tensor in this argument (a tensor, or a list of tensors)."""
@@ -66,10 +70,14 @@ class ArgSpec:
             out["dims"] = list(self.dims)
         if self.kind == "tensor":
             out["dtype"], out["contiguous"] = self.dtype, self.contiguous
+            if self.strides:
+                out["strides"] = list(self.strides)
         if self.kind == "tensors":
             out["items"] = [i.to_json() for i in self.items]
         if self.kind == "const":
             out["value"] = self.value
+        if self.name:
+            out["name"] = self.name
         return out
 
 

@@ -1,0 +1,202 @@
+"""The latency database: environments, signatures, measurements and profiling runs.
+
+Every write commits at once, and a measurement is keyed by (environment, signature, point) with
+insert-or-ignore, so a killed profiler loses nothing it stored, and concurrent profilers never
+store a point twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from sqlalchemy import create_engine, event, func, inspect, select, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
+
+from dooly.db import schema as S
+from dooly.db.records import Environment, Measurement
+from dooly.errors import DoolyError
+
+ENV_VAR = "DOOLY_DB"
+
+
+def default_url() -> str:
+    """$DOOLY_DB, else SQLite at $XDG_DATA_HOME/dooly/latency.db (~/.local/share/dooly/latency.db)."""
+    if os.environ.get(ENV_VAR):
+        return os.environ[ENV_VAR]
+    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return f"sqlite:///{base / 'dooly' / 'latency.db'}"
+
+
+def _one_line(e: Exception) -> str:
+    msg = str(getattr(e, "orig", None) or e).strip().splitlines()
+    return msg[0] if msg else type(e).__name__
+
+
+class LatencyDB:
+    """A handle on one latency database URL."""
+
+    def __init__(self, url: str | None = None, *, create: bool = True):
+        self.url = url or default_url()
+        self.engine = self._connect(create)
+
+    # -- opening ---------------------------------------------------------------------------------
+    def _connect(self, create: bool) -> Engine:
+        url = self.url
+        if not (url.startswith("sqlite:") or url.startswith("postgresql:") or url.startswith("postgresql+")):
+            raise DoolyError(f"malformed database URL {url!r}: use sqlite:///PATH or postgresql+psycopg://...")
+        try:
+            if url.startswith("sqlite"):
+                path = url.split(":///", 1)[1] if ":///" in url else ""
+                if path and path != ":memory:":
+                    p = Path(path).expanduser()
+                    if p.exists() and not os.access(p, os.W_OK):
+                        raise DoolyError(f"database file {p} is read-only")
+                    if not p.exists():
+                        if not create:
+                            raise DoolyError(f"no database at {p} (run `dooly profile` first)")
+                        if p.parent.exists() and not os.access(p.parent, os.W_OK):
+                            raise DoolyError(f"cannot create database {p}: folder is read-only")
+                        p.parent.mkdir(parents=True, exist_ok=True)
+                engine = create_engine(url, connect_args={"timeout": 60})
+
+                @event.listens_for(engine, "connect")
+                def _sqlite_pragmas(dbapi_conn, _record):  # concurrent readers + one writer at a time
+                    cur = dbapi_conn.cursor()
+                    cur.execute("PRAGMA journal_mode=WAL")
+                    cur.execute("PRAGMA busy_timeout=60000")
+                    cur.close()
+            else:
+                engine = create_engine(url, pool_pre_ping=True)
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except DoolyError:
+            raise
+        except (ArgumentError, NoSuchModuleError, ValueError) as e:
+            raise DoolyError(f"malformed database URL {url!r}: {_one_line(e)}") from None
+        except (OperationalError, DBAPIError) as e:
+            raise DoolyError(f"cannot open database {url!r}: {_one_line(e)}") from None
+        self._check_schema(engine, create)
+        return engine
+
+    def _check_schema(self, engine: Engine, create: bool) -> None:
+        tables = set(inspect(engine).get_table_names())
+        if S.meta.name in tables:
+            with engine.connect() as conn:
+                version = conn.execute(select(S.meta.c.value).where(S.meta.c.key == "schema_version")).scalar()
+            if version != S.SCHEMA_VERSION:
+                raise DoolyError(f"database schema version {version!r} is not {S.SCHEMA_VERSION!r} "
+                                 f"(this dooly); use another --db")
+            return
+        if tables - {t.name for t in S.metadata.sorted_tables}:
+            raise DoolyError(f"{self.url} holds other tables and no dooly schema; use another --db")
+        if not create:
+            return
+        try:
+            S.metadata.create_all(engine)
+            with engine.begin() as conn:
+                conn.execute(self._insert_ignore(S.meta, ["key"]).values(key="schema_version",
+                                                                          value=S.SCHEMA_VERSION))
+        except (OperationalError, DBAPIError) as e:
+            raise DoolyError(f"cannot write database {self.url!r}: {_one_line(e)}") from None
+
+    def _insert_ignore(self, table, keys: list[str]):
+        if self.url.startswith("sqlite"):
+            from sqlalchemy.dialects.sqlite import insert
+        else:
+            from sqlalchemy.dialects.postgresql import insert
+        return insert(table).on_conflict_do_nothing(index_elements=keys)
+
+    # -- environments -------------------------------------------------------------------------
+    def ensure_environment(self, env: Environment) -> str:
+        with self.engine.begin() as conn:
+            conn.execute(self._insert_ignore(S.environments, ["key"]).values(key=env.key, fields=env.to_json()))
+        return env.key
+
+    def environments(self) -> list[Environment]:
+        with self.engine.connect() as conn:
+            return [Environment.from_json(r.fields) for r in conn.execute(select(S.environments.c.fields))]
+
+    def require_environment(self, env: Environment) -> str:
+        """The key of `env` if the database has data for it; else an error naming what differs."""
+        known = self.environments()
+        if any(e.key == env.key for e in known):
+            return env.key
+        if not known:
+            raise DoolyError(f"the database {self.url} holds no measurements yet (run `dooly profile`)")
+        nearest = min(known, key=lambda e: len(env.differences(e)))
+        diff = "; ".join(f"{k}: here {a!r}, stored {b!r}" for k, (a, b) in env.differences(nearest).items())
+        raise DoolyError(f"no measurements for this environment; nearest stored one differs in {diff}")
+
+    # -- signatures and measurements ----------------------------------------------------------
+    def add_signatures(self, sigs: dict[str, tuple[str, str]]) -> None:
+        """sigs: id -> (op, canonical text)."""
+        if not sigs:
+            return
+        rows = [{"id": k, "op": op, "text": t} for k, (op, t) in sigs.items()]
+        with self.engine.begin() as conn:
+            conn.execute(self._insert_ignore(S.signatures, ["id"]), rows)
+
+    def points(self, env_key: str, signature: str | None = None) -> dict[tuple[str, str], Measurement]:
+        q = select(S.measurements).where(S.measurements.c.env == env_key)
+        if signature is not None:
+            q = q.where(S.measurements.c.signature == signature)
+        with self.engine.connect() as conn:
+            return {(r.signature, r.point): Measurement(r.signature, r.point, r.median_us, r.p25_us, r.p75_us,
+                                                        r.repeats, r.cost_s)
+                    for r in conn.execute(q)}
+
+    def add_measurement(self, env_key: str, m: Measurement, run_id: int | None) -> bool:
+        """Store one point (committed at once). False if another profiler stored it first."""
+        with self.engine.begin() as conn:
+            res = conn.execute(self._insert_ignore(S.measurements, ["env", "signature", "point"]).values(
+                env=env_key, signature=m.signature, point=m.point, median_us=m.median_us, p25_us=m.p25_us,
+                p75_us=m.p75_us, repeats=m.repeats, cost_s=m.cost_s, run_id=run_id, created=time.time()))
+            return res.rowcount == 1
+
+    def signature_text(self, signature: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(S.signatures.c.text).where(S.signatures.c.id == signature)).scalar()
+
+    # -- runs -----------------------------------------------------------------------------------
+    def start_run(self, env_key: str, models: list[str]) -> int:
+        with self.engine.begin() as conn:
+            res = conn.execute(S.runs.insert().values(env=env_key, models=json.dumps(models), started=time.time(),
+                                                      measured=0, reused=0, device_s=0.0, baseline_s=0.0,
+                                                      status="running"))
+            return int(res.inserted_primary_key[0])
+
+    def update_run(self, run_id: int, **fields) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(S.runs.update().where(S.runs.c.id == run_id).values(**fields))
+
+    def runs(self) -> list[dict]:
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(select(S.runs).order_by(S.runs.c.id))]
+
+    # -- summaries ------------------------------------------------------------------------------
+    def stats(self) -> list[dict]:
+        """Per environment: signatures, points, device-seconds stored, runs."""
+        m = S.measurements
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(m.c.env, func.count(func.distinct(m.c.signature)), func.count(),
+                                       func.sum(m.c.cost_s)).group_by(m.c.env)).all()
+            nruns = dict(conn.execute(select(S.runs.c.env, func.count()).group_by(S.runs.c.env)).all())
+        envs = {e.key: e for e in self.environments()}
+        return [{"env": k, "environment": envs.get(k), "signatures": s, "points": p, "device_s": c or 0.0,
+                 "runs": nruns.get(k, 0)} for k, s, p, c in rows]
+
+    def listing(self, env_key: str | None = None) -> list[dict]:
+        """Per (environment, signature): op, number of points, median range."""
+        m, sg = S.measurements, S.signatures
+        q = (select(m.c.env, m.c.signature, sg.c.op, func.count(), func.min(m.c.median_us), func.max(m.c.median_us))
+             .join(sg, sg.c.id == m.c.signature).group_by(m.c.env, m.c.signature, sg.c.op)
+             .order_by(m.c.env, sg.c.op))
+        if env_key:
+            q = q.where(m.c.env == env_key)
+        with self.engine.connect() as conn:
+            return [{"env": e, "signature": s, "op": op, "points": n, "min_us": lo, "max_us": hi}
+                    for e, s, op, n, lo, hi in conn.execute(q)]

@@ -1,0 +1,192 @@
+"""Selective, incremental profiling: measure only the (signature, point) pairs the database lacks.
+
+    traces ──> plan_profile ──> ProfilePlan ──> run_profile ──> ProfileSummary
+                  (db lookup)                    (measure, store each point at once)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from dooly.db import Environment, LatencyDB, Measurement, parse_point, point_key
+from dooly.profile.grid import Limits, points
+from dooly.profile.replay import NotReplayable, materialize, request_vars_of
+from dooly.profile.timing import measure
+from dooly.trace.records import REQUEST_VARS, Trace, is_metadata_op
+
+STATELESS, FREE, STATEFUL, COLLECTIVE = "stateless", "free", "stateful", "collective"
+_COLLECTIVE_PREFIXES = ("_C::shm_", "vllm::all_reduce", "vllm::all_gather", "vllm::reduce_scatter", "c10d::")
+
+
+def classify(op: str, attrs: tuple) -> str:
+    """stateless: replayed here; free: metadata-only (no time); stateful / collective: other stages."""
+    if is_metadata_op(op):
+        return FREE
+    if any(k == "backend" for k, _ in attrs):
+        return STATEFUL
+    if op.startswith(_COLLECTIVE_PREFIXES):
+        return COLLECTIVE
+    return STATELESS
+
+
+@dataclass
+class SignatureWork:
+    signature: str
+    op: str
+    text: str  # canonical signature JSON
+    variables: tuple  # request variables it depends on
+    points: list  # point keys of the grid
+    models: list  # models that run it
+
+
+@dataclass
+class ProfilePlan:
+    env: Environment
+    grid: str
+    limits: Limits
+    models: list
+    work: list  # SignatureWork per stateless signature
+    needs: dict  # model -> set of (signature, point key)
+    stored: dict  # (signature, point key) -> Measurement already in the database
+    deferred: dict  # signature -> (op, kind) of stateful/collective ops left to their own stages
+
+    @property
+    def missing(self) -> list[tuple[SignatureWork, str]]:
+        return [(w, p) for w in self.work for p in w.points if (w.signature, p) not in self.stored]
+
+    def estimate_s(self) -> float:
+        return sum(_estimate_point_s(w.text, parse_point(p)) for w, p in self.missing)
+
+
+@dataclass
+class ProfileSummary:
+    models: list
+    signatures: int  # stateless signatures over all models
+    signatures_measured: int  # with at least one point measured now
+    signatures_reused: int  # fully answered by the database
+    points_measured: int
+    points_reused: int
+    device_s: float  # spent by this run
+    baseline_s: float  # a per-model profiler without reuse (same grid, method)
+    failed: dict = field(default_factory=dict)  # signature -> reason
+    deferred: int = 0  # stateful / collective signatures left to their stages
+    run_id: int | None = None
+
+    @property
+    def saved_pct(self) -> float:
+        return 100.0 * (1 - self.device_s / self.baseline_s) if self.baseline_s > 0 else 0.0
+
+
+def plan_profile(traces: list[Trace], env: Environment, stored: dict, grid: str = "full",
+                 limits: Limits = Limits()) -> ProfilePlan:
+    work: dict[str, SignatureWork] = {}
+    needs: dict[str, set] = {}
+    deferred: dict[str, tuple] = {}
+    for t in traces:
+        need = needs.setdefault(t.model, set())
+        for g in t.groups():
+            kind = classify(g.op, g.attrs)
+            if kind in (STATEFUL, COLLECTIVE):
+                deferred[g.signature] = (g.op, kind)
+            if kind != STATELESS:
+                continue
+            if g.signature not in work:
+                variables = request_vars_of(g.signature_text, REQUEST_VARS)
+                work[g.signature] = SignatureWork(g.signature, g.op, g.signature_text, variables,
+                                                  [point_key(p) for p in points(variables, grid, limits)], [])
+            w = work[g.signature]
+            if t.model not in w.models:
+                w.models.append(t.model)
+            need.update((g.signature, p) for p in w.points)
+    return ProfilePlan(env, grid, limits, [t.model for t in traces], list(work.values()), needs,
+                       stored, deferred)
+
+
+def _estimate_point_s(text: str, values: dict) -> float:
+    """Rough cost of measuring one point: ~0.2 s of timed calls, at least 8 calls, plus set-up."""
+    from dooly.trace.instantiate import evaluate
+
+    sig = json.loads(text)
+    shapes = [[evaluate(d, values) for d in a["t"]] for a in sig["args"] if "t" in a]
+    nbytes = sum(2 * _prod(s) for s in shapes)
+    flops = 0
+    if sig["op"] in ("_C::onednn_mm", "aten::mm", "aten::linear", "aten::addmm") and len(shapes) >= 2:
+        m, n = shapes[0][0], shapes[0][-1]
+        k = shapes[1][-1]
+        flops = 2 * m * n * k
+    call = max(5e-6, flops / 4e10 + nbytes / 1e10)
+    return max(0.2, 8 * call) + 0.02
+
+
+def _prod(xs):
+    out = 1
+    for x in xs:
+        out *= x
+    return out
+
+
+def _load_replay_rules(engine: str) -> None:
+    """Engine-specific replay rules live with their engine (e.g. dooly.engines.vllm.replay)."""
+    import importlib.util
+
+    name = f"dooly.engines.{engine}.replay"
+    if importlib.util.find_spec(name) is not None:
+        importlib.import_module(name)
+
+
+def run_profile(plan: ProfilePlan, db: LatencyDB,
+                progress: Callable[[str, int, int], None] | None = None) -> ProfileSummary:
+    """Measure what the plan lacks, storing each point as soon as it is measured."""
+    _load_replay_rules(plan.env.engine)
+    env_key = db.ensure_environment(plan.env)
+    db.add_signatures({w.signature: (w.op, w.text) for w in plan.work})
+    run_id = db.start_run(env_key, plan.models)
+    torch.set_num_threads(plan.env.threads)
+    costs = {k: m.cost_s for k, m in plan.stored.items()}
+    measured, failed = 0, {}
+    spent = 0.0
+    todo = plan.missing
+    status = "interrupted"
+    try:
+        for i, (w, p) in enumerate(todo):
+            if progress:
+                progress(w.op, i, len(todo))
+            if w.signature in failed:
+                continue
+            other = db.points(env_key, w.signature).get((w.signature, p))
+            if other is not None:  # a concurrent profiler stored it meanwhile
+                costs[(w.signature, p)] = other.cost_s
+                continue
+            values = parse_point(p)
+            try:
+                t = measure(lambda: materialize(w.text, values))
+            except (NotReplayable, RuntimeError, TypeError, ValueError, IndexError) as e:
+                failed[w.signature] = f"{w.op}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                continue
+            m = Measurement(w.signature, p, t.median_us, t.p25_us, t.p75_us, t.repeats, t.cost_s)
+            spent += t.cost_s
+            if db.add_measurement(env_key, m, run_id):
+                measured += 1
+                costs[(w.signature, p)] = t.cost_s
+            else:  # stored by a concurrent profiler between our check and our write
+                costs[(w.signature, p)] = db.points(env_key, w.signature)[(w.signature, p)].cost_s
+            db.update_run(run_id, measured=measured, device_s=spent)
+        if progress:
+            progress("", len(todo), len(todo))
+        status = "done"
+    finally:
+        baseline = sum(costs.get(k, 0.0) for need in plan.needs.values() for k in need)
+        reused_points = sum(1 for w in plan.work for p in w.points if (w.signature, p) in plan.stored)
+        db.update_run(run_id, finished=time.time(), measured=measured, reused=reused_points, device_s=spent,
+                      baseline_s=baseline, status=status)
+    return ProfileSummary(
+        models=plan.models, signatures=len(plan.work),
+        signatures_measured=len({w.signature for w, p in todo if w.signature not in failed}),
+        signatures_reused=len(plan.work) - len({w.signature for w, _ in todo}),
+        points_measured=measured, points_reused=reused_points, device_s=spent, baseline_s=baseline,
+        failed=failed, deferred=len(plan.deferred), run_id=run_id)
