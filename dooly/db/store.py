@@ -53,7 +53,8 @@ class LatencyDB:
                 path = url.split(":///", 1)[1] if ":///" in url else ""
                 if path and path != ":memory:":
                     p = Path(path).expanduser()
-                    if p.exists() and not os.access(p, os.W_OK):
+                    # mode bits too: root may write anything, but a file marked read-only is not ours to change
+                    if p.exists() and (not os.access(p, os.W_OK) or not p.stat().st_mode & 0o222):
                         raise DoolyError(f"database file {p} is read-only")
                     if not p.exists():
                         if not create:
@@ -154,8 +155,9 @@ class LatencyDB:
         with self.engine.begin() as conn:
             res = conn.execute(self._insert_ignore(S.measurements, ["env", "signature", "point"]).values(
                 env=env_key, signature=m.signature, point=m.point, median_us=m.median_us, p25_us=m.p25_us,
-                p75_us=m.p75_us, repeats=m.repeats, cost_s=m.cost_s, run_id=run_id, created=time.time()))
-            return res.rowcount == 1
+                p75_us=m.p75_us, repeats=m.repeats, cost_s=m.cost_s, run_id=run_id, created=time.time())
+                .returning(S.measurements.c.point))
+            return res.first() is not None
 
     def signature_text(self, signature: str) -> str | None:
         with self.engine.connect() as conn:
