@@ -6,7 +6,7 @@ from functools import lru_cache
 
 import sympy
 
-from dooly.trace.records import REQUEST_VARS, ArgSpec
+from dooly.trace.records import ArgSpec
 
 
 @lru_cache(maxsize=4096)
@@ -27,5 +27,3 @@ def tensor_shapes(args: tuple[ArgSpec, ...], values: dict[str, int]) -> list[tup
     """Concrete shapes of every tensor argument (lists of tensors flattened), in order."""
     return [tuple(evaluate(d, values) for d in dims) for a in args for dims in a.tensor_dims()]
 
-
-__all__ = ["REQUEST_VARS", "evaluate", "tensor_shapes"]

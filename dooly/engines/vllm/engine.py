@@ -59,3 +59,53 @@ def record_engine_model(llm):
         yield steps
     finally:
         del model.forward, model.compute_logits  # back to the class methods
+
+
+@contextlib.contextmanager
+def time_engine_model(llm):
+    """Wall time of each model step (forward + compute_logits) and of its attention layers.
+
+    Yields a list receiving one {"forward_s", "attention_s"} per engine step. Only the attention
+    modules get hooks (two perf_counter calls each); the rest of the model runs untouched.
+    """
+    import time
+
+    from vllm.model_executor.layers.attention.attention import Attention
+
+    runner = model_runner(llm)
+    model = runner.model
+    steps: list[dict] = []
+    state = {"attn": 0.0, "t": 0.0}
+    forward, logits = model.forward, model.compute_logits
+
+    def pre(_m, _a):
+        state["t"] = time.perf_counter()
+
+    def post(_m, _a, _o):
+        state["attn"] += time.perf_counter() - state["t"]
+
+    hooks = []
+    for m in model.modules():
+        if isinstance(m, Attention):
+            hooks += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+
+    def timed_forward(*args, **kwargs):
+        state["attn"] = 0.0
+        t0 = time.perf_counter()
+        out = forward(*args, **kwargs)
+        steps.append({"forward_s": time.perf_counter() - t0, "attention_s": state["attn"]})
+        return out
+
+    def timed_logits(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = logits(*args, **kwargs)
+        steps[-1]["forward_s"] += time.perf_counter() - t0
+        return out
+
+    model.forward, model.compute_logits = timed_forward, timed_logits
+    try:
+        yield steps
+    finally:
+        del model.forward, model.compute_logits
+        for h in hooks:
+            h.remove()

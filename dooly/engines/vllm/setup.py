@@ -68,11 +68,14 @@ def ensure_world() -> None:
 
 @contextlib.contextmanager
 def worker_context(cfg):
-    """What a vLLM worker sets up before running its model: current config, IR op priorities."""
+    """What a vLLM worker sets up before running its model: current config, IR op priorities,
+    the platform's kernel overrides (on CPU: C++ stand-ins for vLLM's Triton kernels)."""
     import vllm.ir
     from vllm.config import set_current_vllm_config
+    from vllm.platforms import current_platform
 
     with set_current_vllm_config(cfg):
+        current_platform.register_triton_kernel_overrides()
         ensure_world()
         cfg.kernel_config.ir_op_priority.set_default()
         vllm.ir.set_default_torch_wrap(cfg.compilation_config.ir_enable_torch_wrap)

@@ -1,0 +1,175 @@
+"""vLLM attention as the engine runs it: layer, paged KV cache, block table and metadata from vLLM.
+
+`AttentionRig` builds one `Attention` layer the way a model builds it (from the engine config of
+the model being profiled), asks it for its KV-cache spec, allocates the paged cache in the backend's
+own shape and binds it with vLLM's `bind_kv_cache_to_layers`, fills vLLM's `BlockTable` for a batch
+composition, lets the block table compute the slot mapping, and has the backend's own metadata
+builder build the attention metadata. The two leaf ops the traced model runs
+(`vllm::unified_kv_cache_update`, `vllm::unified_attention_with_output`) are then called exactly as
+the layer calls them, under vLLM's forward context.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dooly.engines.vllm.setup import engine_config, worker_context, write_model_dir
+from dooly.errors import DoolyError
+
+LAYER = "model.layers.0.self_attn.attn"
+KV_BUDGET_BYTES = 3 << 29  # 1.5 GiB of paged KV cache at most
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A step's attention work: per request, tokens already in the KV cache and new tokens."""
+
+    context_lens: tuple  # tokens of each request already cached
+    query_lens: tuple  # tokens of each request computed in this step
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.query_lens)
+
+    @property
+    def seq_lens(self) -> list[int]:
+        return [c + q for c, q in zip(self.context_lens, self.query_lens)]
+
+
+def available_backends() -> list[str]:
+    from vllm.platforms import current_platform
+
+    return ["CPU_ATTN"] if current_platform.is_cpu() else ["FLASH_ATTN", "FLASHINFER", "TRITON_ATTN"]
+
+
+class AttentionRig:
+    def __init__(self, config: dict, dtype: str = "bfloat16", backend: str | None = None,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int = 4096, max_model_len: int | None = None,
+                 num_blocks: int | None = None):
+        from vllm.model_executor.layers.attention.attention import Attention
+        from vllm.v1.attention.backends.utils import get_supported_kv_cache_layouts, resolve_kv_cache_layout
+        from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec, KVCacheTensor
+        from vllm.v1.worker.block_table import BlockTable
+        from vllm.v1.worker.utils import allocate_kv_cache, bind_kv_cache_to_layers
+
+        if backend is not None and backend not in available_backends():
+            raise DoolyError(f"attention backend {backend!r} is not available here; available: "
+                             f"{', '.join(available_backends())}")
+        one_layer = {**config, "num_hidden_layers": 1}
+        kwargs = {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens,
+                  "enable_prefix_caching": False}
+        if max_model_len:
+            kwargs["max_model_len"] = max_model_len
+        if backend:
+            kwargs["attention_backend"] = backend
+        with tempfile.TemporaryDirectory(prefix="dooly-attn-") as tmp:
+            self.cfg = engine_config(write_model_dir(one_layer, Path(tmp)), dtype, **kwargs)
+        cfg = self.cfg
+        heads = config["num_attention_heads"]
+        kv_heads = config.get("num_key_value_heads") or heads
+        head_size = config.get("head_dim") or config["hidden_size"] // heads
+        window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
+        self.dtype = cfg.model_config.dtype
+        self.block_size = cfg.cache_config.block_size
+        self.max_model_len = cfg.model_config.max_model_len
+        with worker_context(cfg):
+            cfg.compilation_config.static_forward_context.clear()
+            self.layer = Attention(heads, head_size, head_size ** -0.5, num_kv_heads=kv_heads,
+                                   cache_config=cfg.cache_config, per_layer_sliding_window=window, prefix=LAYER)
+            spec = self.layer.get_kv_cache_spec(cfg)
+            blocks_per_req = math.ceil(self.max_model_len / self.block_size)
+            # room for max_num_seqs full-length requests, within a memory budget
+            budget = max(blocks_per_req + 1, KV_BUDGET_BYTES // spec.page_size_bytes)
+            self.num_blocks = num_blocks or min(max_num_seqs * blocks_per_req + 1, budget)
+            backend_cls = self.layer.attn_backend
+            # what the engine core and the worker do: resolve the layout, allocate, bind
+            layout = resolve_kv_cache_layout(cfg, [[x.name for x in get_supported_kv_cache_layouts([backend_cls])]], [spec])
+            cfg.cache_config.kv_cache_layout = layout.name
+            page = spec.page_size_bytes
+            kvc = KVCacheConfig(num_blocks=self.num_blocks,
+                                kv_cache_tensors=[KVCacheTensor(size=page * self.num_blocks, layers=[LAYER],
+                                                                layer_stride=page * self.num_blocks,
+                                                                block_stride=page)],
+                                kv_cache_groups=[KVCacheGroupSpec([LAYER], spec)])
+            caches = allocate_kv_cache(kvc, torch.device("cpu"), layout, [self.block_size])
+            self.kv_cache = caches[LAYER]
+            bind_kv_cache_to_layers(caches, cfg.compilation_config.static_forward_context)
+            self.builder = backend_cls.get_builder_cls()(spec, [LAYER], cfg, torch.device("cpu"))
+            self.block_table = BlockTable(self.block_size, max_num_seqs, blocks_per_req, max_num_batched_tokens,
+                                          False, torch.device("cpu"), 1)
+        self.heads, self.kv_heads, self.head_size, self.window = heads, kv_heads, head_size, window
+        self.backend = self.layer.attn_backend.get_name()
+
+    def blocks_needed(self, batch: Batch) -> int:
+        return sum(math.ceil(s / self.block_size) for s in batch.seq_lens)
+
+    def metadata(self, batch: Batch, copy: int = 0):
+        """vLLM's attention metadata (and slot mapping) for `batch`, blocks assigned in request order.
+
+        `copy` k places the batch's blocks after k other copies' blocks, so that rotating copies
+        reads KV data from distinct memory (as a forward pass over many layers does).
+        """
+        from vllm.config import set_current_vllm_config
+        from vllm.v1.attention.backend import CommonAttentionMetadata
+
+        n = len(batch.query_lens)
+        seq_lens = batch.seq_lens
+        need = [math.ceil(s / self.block_size) for s in seq_lens]
+        if (copy + 1) * sum(need) + 1 > self.num_blocks:
+            raise DoolyError(f"batch needs {(copy + 1) * sum(need)} KV blocks, the rig has {self.num_blocks - 1}")
+        if max(seq_lens) > self.max_model_len:
+            raise DoolyError(f"sequence of {max(seq_lens)} tokens exceeds max_model_len {self.max_model_len}")
+        start = 1 + copy * sum(need)  # block 0 is vLLM's null block
+        for i, k in enumerate(need):
+            self.block_table.add_row(list(range(start, start + k)), i)
+            start += k
+        self.block_table.commit_block_table(n)
+        qsl = torch.zeros(n + 1, dtype=torch.int32)
+        qsl[1:] = torch.cumsum(torch.tensor(batch.query_lens, dtype=torch.int32), 0)
+        positions = torch.cat([torch.arange(c, c + q, dtype=torch.int64)
+                               for c, q in zip(batch.context_lens, batch.query_lens)])
+        with set_current_vllm_config(self.cfg):
+            self.block_table.compute_slot_mapping(n, qsl, positions)
+            # the block table's buffers are reused for the next batch: keep this batch's own copies
+            slot_mapping = self.block_table.slot_mapping.gpu[: batch.num_tokens].clone()
+            common = CommonAttentionMetadata(
+                query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+                num_reqs=n, num_actual_tokens=batch.num_tokens, max_query_len=max(batch.query_lens),
+                max_seq_len=max(seq_lens), block_table_tensor=self.block_table.get_device_tensor(n).clone(),
+                slot_mapping=slot_mapping, positions=positions)
+            return self.builder.build(0, common), slot_mapping
+
+    def calls(self, batch: Batch, q=None, k=None, v=None, copy: int = 0):
+        """(kv_update, attention, output): the layer's two leaf ops, ready to call for `batch`."""
+        from vllm.forward_context import set_forward_context
+        from vllm.utils.torch_utils import LayerName
+
+        md, slots = self.metadata(batch, copy)
+        n = batch.num_tokens
+        q = q if q is not None else torch.randn(n, self.heads, self.head_size).to(self.dtype)
+        k = k if k is not None else torch.randn(n, self.kv_heads, self.head_size).to(self.dtype)
+        v = v if v is not None else torch.randn(n, self.kv_heads, self.head_size).to(self.dtype)
+        out = torch.empty(n, self.heads, self.head_size, dtype=self.dtype)
+        name = LayerName(LAYER)
+        cfg = self.cfg
+
+        def ctx():
+            return set_forward_context({LAYER: md}, cfg, num_tokens=n, slot_mapping={LAYER: slots})
+
+        def kv_update():
+            with ctx():
+                return torch.ops.vllm.unified_kv_cache_update(k, v, name)
+
+        dep = torch.empty(0, dtype=self.dtype)  # the layer passes the KV update's (empty) result along
+
+        def attention():
+            with ctx():
+                torch.ops.vllm.unified_attention_with_output(q, k, v, out, name, None, None, dep)
+            return out
+
+        return kv_update, attention, out
