@@ -24,11 +24,14 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(2)
 
 
-def _trace(model: str, engine: str, tp: int, dtype: str):
+def _trace(model: str, engine: str, tp: int, dtype: str, attention_backend: str | None = None):
     from dooly.catalog import resolve
     from dooly.trace import trace_model
 
-    return trace_model(resolve(model), engine=engine, tp=tp, dtype=dtype)
+    return trace_model(resolve(model), engine=engine, tp=tp, dtype=dtype, attention_backend=attention_backend)
+
+
+_BACKEND_HELP = "attention backend (vllm: CPU_ATTN here; hf: sdpa | eager); default: the engine's choice"
 
 
 @app.command()
@@ -55,12 +58,13 @@ def trace(
     dtype: str = typer.Option("bfloat16", help="bfloat16 | float16 | float32"),
     fmt: str = typer.Option("table", "--format", help="table | json"),
     all_ops: bool = typer.Option(False, "--all", help="table: also show views and other metadata-only ops"),
+    attention_backend: Optional[str] = typer.Option(None, help=_BACKEND_HELP),
 ) -> None:
     """Trace one engine step and print every op with its dims labelled by origin."""
     if fmt not in ("table", "json"):
         _fail(DoolyError(f"unknown format {fmt!r}; formats: table, json"))
     try:
-        t = _trace(model, engine, tp, dtype)
+        t = _trace(model, engine, tp, dtype, attention_backend)
     except DoolyError as e:
         _fail(e)
     if fmt == "json":
@@ -92,6 +96,7 @@ def plan(
     engine: str = typer.Option("vllm"),
     tp: int = typer.Option(1, "--tp"),
     dtype: str = typer.Option("bfloat16"),
+    attention_backend: Optional[str] = typer.Option(None, help=_BACKEND_HELP),
 ) -> None:
     """Show how many operation signatures each model shares with the ones before it."""
     from dooly.catalog import suite as suite_models
@@ -101,7 +106,7 @@ def plan(
         names = list(models or []) + (suite_models(suite) if suite else [])
         if not names:
             raise DoolyError("give models or --suite NAME")
-        traces = [_trace(m, engine, tp, dtype) for m in names]
+        traces = [_trace(m, engine, tp, dtype, attention_backend) for m in names]
     except DoolyError as e:
         _fail(e)
     rows, unique = make_plan(traces)
@@ -139,6 +144,7 @@ def profile(
     grid: str = typer.Option("full", help="sweep grid: full | reduced"),
     threads: Optional[int] = typer.Option(None, help="threads to time with (default: what the engine uses)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan, measure nothing"),
+    attention_backend: Optional[str] = typer.Option(None, help=_BACKEND_HELP),
 ) -> None:
     """Measure the operations of MODELS that the latency database does not hold yet."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -163,7 +169,8 @@ def profile(
         database = LatencyDB(db, create=not dry_run) if not dry_run else _maybe_db(db)
         limits = Limits(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
         env = current_environment(engine, eng.version(), dtype, threads or default_threads())
-        traces = [trace_model(s, engine=engine, tp=tp, dtype=dtype) for s in specs]
+        traces = [trace_model(s, engine=engine, tp=tp, dtype=dtype, attention_backend=attention_backend)
+                  for s in specs]
         stored = database.points(env.key) if database else {}
         plan_ = plan_profile(traces, env, stored, grid, limits)
     except DoolyError as e:
@@ -176,9 +183,9 @@ def profile(
             table.add_row(w.op, w.signature[:8], ",".join(w.variables) or "-", str(len(w.points)), str(todo),
                           str(len(w.models)))
         console.print(table)
-        console.print(f"{len(plan_.work)} stateless signatures, {len(missing)} points to measure, "
+        console.print(f"{len(plan_.work)} signatures, {len(missing)} points to measure, "
                       f"{sum(len(w.points) for w in plan_.work) - len(missing)} reused; "
-                      f"{len(plan_.deferred)} stateful/collective signatures are not profiled by this stage; "
+                      f"{len(plan_.deferred)} signatures not profiled by this stage (collectives, ...); "
                       f"estimated {plan_.estimate_s():.0f} s of device time")
         return
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -194,13 +201,13 @@ def profile(
             _fail(e)
     table = Table("", "value")
     table.add_row("models", str(len(summary.models)))
-    table.add_row("stateless signatures", f"{summary.signatures} ({summary.signatures_measured} profiled, "
-                                          f"{summary.signatures_reused} reused)")
+    table.add_row("signatures", f"{summary.signatures} ({summary.signatures_measured} profiled, "
+                                f"{summary.signatures_reused} reused)")
     table.add_row("points", f"{summary.points_measured} measured, {summary.points_reused} reused")
     table.add_row("device-seconds spent", f"{summary.device_s:.1f}")
     table.add_row("without reuse (per-model profiler)", f"{summary.baseline_s:.1f}")
     table.add_row("saved", f"{summary.saved_pct:.1f}%")
-    table.add_row("not profiled here (stateful/collective)", str(summary.deferred))
+    table.add_row("not profiled by this stage (collectives, ...)", str(summary.deferred))
     console.print(table)
     for sig, reason in summary.failed.items():
         console.print(f"could not replay {sig[:8]}: {escape(reason)}", highlight=False)
@@ -260,9 +267,9 @@ def quickstart(
 ) -> None:
     """The main job so far: trace one model's step, then show signature sharing across a suite."""
     console.rule(f"1. trace {model} on vLLM")
-    trace(model=model, engine="vllm", tp=1, dtype="bfloat16", fmt="table", all_ops=False)
+    trace(model=model, engine="vllm", tp=1, dtype="bfloat16", fmt="table", all_ops=False, attention_backend=None)
     console.rule(f"2. signatures shared across suite {suite!r}")
-    plan(models=None, suite=suite, engine="vllm", tp=1, dtype="bfloat16")
+    plan(models=None, suite=suite, engine="vllm", tp=1, dtype="bfloat16", attention_backend=None)
 
 
 def main() -> None:

@@ -57,3 +57,38 @@ def test_rig_reports_the_backend_and_refuses_others(rig):
     assert rig.backend == "CPU_ATTN"
     with pytest.raises(DoolyError, match="available: CPU_ATTN"):
         AttentionRig(resolve("dooly/tiny-llama").config, backend="FLASH_ATTN")
+
+
+def test_models_sharing_heads_share_attention_signatures(tmp_path, tiny_llama_trace):
+    import json
+
+    from dooly.trace import trace_model
+
+    # same head layout, different depth and vocabulary: no new attention or KV-write signature
+    cfg = dict(resolve("dooly/tiny-llama").config, num_hidden_layers=2, vocab_size=4000)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    other = trace_model(resolve(str(tmp_path)))
+
+    def stateful(t):
+        return {o.signature for o in t.ops if o.op.startswith("vllm::unified_")}
+
+    assert len(stateful(tiny_llama_trace)) == 2
+    assert stateful(other) == stateful(tiny_llama_trace)
+    # a different KV-head count is a different attention kernel
+    cfg2 = dict(resolve("dooly/tiny-llama").config, num_key_value_heads=2)
+    (tmp_path / "config.json").write_text(json.dumps(cfg2))
+    assert not stateful(trace_model(resolve(str(tmp_path)))) & stateful(tiny_llama_trace)
+
+
+def test_attention_grid_respects_engine_limits():
+    from dooly.engines.vllm.attention import batch_of, stateful_points
+
+    pts = stateful_points("vllm::unified_attention_with_output", "reduced", max_num_batched_tokens=512,
+                          max_num_seqs=8, max_model_len=2048, kv_token_budget=10**6)
+    assert pts and all(p.get("dec_reqs", 0) <= 8 and p.get("pre_chunk", 0) <= 512 for p in pts)
+    assert all(p.get("dec_kv", 0) <= 2048 and p.get("pre_chunk", 0) + p.get("pre_ctx", 0) <= 2048 for p in pts)
+    kinds = {tuple(sorted(p)) for p in pts}
+    assert ("dec_kv", "dec_reqs") in kinds and ("pre_chunk", "pre_ctx") in kinds
+    assert ("dec_kv", "dec_reqs", "pre_chunk", "pre_ctx") in kinds  # mixed steps
+    mixed = batch_of({"dec_reqs": 2, "dec_kv": 100, "pre_chunk": 30, "pre_ctx": 0})
+    assert mixed.context_lens == (99, 99, 0) and mixed.query_lens == (1, 1, 30)

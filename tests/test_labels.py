@@ -107,6 +107,13 @@ def test_tp2_labels_and_collectives(tiny_llama):
     assert _dims(gather) == [["num_reqs", "vocab_size/tp"], ["num_reqs*tp", "vocab_size/tp"]]
 
 
+def test_hf_eager_attention_traces(tiny_llama):
+    t = trace_model(tiny_llama, engine="hf", attention_backend="eager")
+    assert t.unresolved == 0 and not any("scaled_dot_product" in o.op for o in t.ops)
+    soft = next(o for o in t.ops if o.op.startswith("aten::_softmax") and o.phase == "decode")
+    assert _dims(soft)[0] == ["batch_size", "num_attention_heads", "1", "past_len + 1"]
+
+
 def test_hf_engine_prefill_and_decode_labels(tiny_llama):
     t = trace_model(tiny_llama, engine="hf")
     assert t.unresolved == 0 and {o.phase for o in t.ops} == {"prefill", "decode"}
@@ -137,6 +144,8 @@ def _cli(*args):
     (["trace", "dooly/tiny-llama", "--tp", "3"], "--tp 3 does not divide"),
     (["trace", "dooly/tiny-llama", "--dtype", "int3"], "unknown dtype"),
     (["trace", "dooly/tiny-llama", "--engine", "tgi"], "unknown engine"),
+    (["trace", "dooly/tiny-llama", "--attention-backend", "FLASH_ATTN"], "available: CPU_ATTN"),
+    (["trace", "dooly/tiny-llama", "--engine", "hf", "--attention-backend", "paged"], "available: sdpa, eager"),
 ])
 def test_bad_input_one_line_errors(args, message):
     r = _cli(*args)

@@ -83,7 +83,7 @@ def _random(alloc: list[int], dt: torch.dtype) -> torch.Tensor:
 def _const(text: str):
     if text.startswith("torch."):
         value = getattr(torch, text.split(".", 1)[1], None)
-        if isinstance(value, torch.dtype):
+        if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
             return value
     if text in ("cpu", "cuda") or text.startswith("cuda:"):
         return torch.device(text)

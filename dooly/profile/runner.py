@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 
 from dooly.db import Environment, LatencyDB, Measurement, parse_point, point_key
+from dooly.engines import get_engine
+from dooly.errors import DoolyError
 from dooly.profile.grid import Limits, points
 from dooly.profile.replay import NotReplayable, materialize, request_vars_of
 from dooly.profile.timing import measure
@@ -42,6 +44,9 @@ class SignatureWork:
     variables: tuple  # request variables it depends on
     points: list  # point keys of the grid
     models: list  # models that run it
+    kind: str = STATELESS  # STATELESS: replayed from the signature; STATEFUL: through the engine's own set-up
+    attrs: dict = field(default_factory=dict)  # kernel identity (stateful: backend, heads, block size, ...)
+    config: dict = field(default_factory=dict)  # stateful: config.json of the first model that runs it
 
 
 @dataclass
@@ -53,7 +58,7 @@ class ProfilePlan:
     work: list  # SignatureWork per stateless signature
     needs: dict  # model -> set of (signature, point key)
     stored: dict  # (signature, point key) -> Measurement already in the database
-    deferred: dict  # signature -> (op, kind) of stateful/collective ops left to their own stages
+    deferred: dict  # signature -> (op, kind) of ops this stage does not profile (collectives, ...)
 
     @property
     def missing(self) -> list[tuple[SignatureWork, str]]:
@@ -66,7 +71,7 @@ class ProfilePlan:
 @dataclass
 class ProfileSummary:
     models: list
-    signatures: int  # stateless signatures over all models
+    signatures: int  # profiled signatures (stateless and stateful) over all models
     signatures_measured: int  # with at least one point measured now
     signatures_reused: int  # fully answered by the database
     points_measured: int
@@ -74,7 +79,7 @@ class ProfileSummary:
     device_s: float  # spent by this run
     baseline_s: float  # a per-model profiler without reuse (same grid, method)
     failed: dict = field(default_factory=dict)  # signature -> reason
-    deferred: int = 0  # stateful / collective signatures left to their stages
+    deferred: int = 0  # signatures this stage does not profile (collectives, ...)
     run_id: int | None = None
 
     @property
@@ -89,16 +94,28 @@ def plan_profile(traces: list[Trace], env: Environment, stored: dict, grid: str 
     deferred: dict[str, tuple] = {}
     for t in traces:
         need = needs.setdefault(t.model, set())
+        stateful = getattr(get_engine(t.engine), "stateful", None)
         for g in t.groups():
             kind = classify(g.op, g.attrs)
-            if kind in (STATEFUL, COLLECTIVE):
-                deferred[g.signature] = (g.op, kind)
-            if kind != STATELESS:
+            if kind == STATEFUL and (stateful is None or g.op not in stateful.STATEFUL_OPS):
+                kind = "stateful-unsupported"  # no engine-side set-up for it yet: listed, not dropped
+            if kind not in (STATELESS, STATEFUL):
+                if kind != FREE:
+                    deferred[g.signature] = (g.op, kind)
                 continue
             if g.signature not in work:
-                variables = request_vars_of(g.signature_text, REQUEST_VARS)
+                if kind == STATELESS:
+                    variables = request_vars_of(g.signature_text, REQUEST_VARS)
+                    pts = points(variables, grid, limits)
+                else:
+                    attrs = dict(g.attrs)
+                    max_len = min(limits.max_model_len, t.config.get("max_position_embeddings") or limits.max_model_len)
+                    pts = stateful.stateful_points(g.op, grid, limits.max_num_batched_tokens, limits.max_num_seqs,
+                                                   max_len, stateful.kv_token_budget(attrs, t.dtype))
+                    variables = tuple(sorted({k for p in pts for k in p}))
                 work[g.signature] = SignatureWork(g.signature, g.op, g.signature_text, variables,
-                                                  [point_key(p) for p in points(variables, grid, limits)], [])
+                                                  [point_key(p) for p in pts], [], kind,
+                                                  dict(g.attrs), t.config if kind == STATEFUL else {})
             w = work[g.signature]
             if t.model not in w.models:
                 w.models.append(t.model)
@@ -111,6 +128,8 @@ def _estimate_point_s(text: str, values: dict) -> float:
     """Rough cost of measuring one point: ~0.2 s of timed calls, at least 8 calls, plus set-up."""
     from dooly.trace.instantiate import evaluate
 
+    if not any(k in REQUEST_VARS for k in values) and values:  # a stateful batch composition
+        return 0.3
     sig = json.loads(text)
     shapes = [[evaluate(d, values) for d in a["t"]] for a in sig["args"] if "t" in a]
     nbytes = sum(2 * _prod(s) for s in shapes)
@@ -147,6 +166,11 @@ def run_profile(plan: ProfilePlan, db: LatencyDB,
     db.add_signatures({w.signature: (w.op, w.text) for w in plan.work})
     run_id = db.start_run(env_key, plan.models)
     torch.set_num_threads(plan.env.threads)
+    stateful = None
+    if any(w.kind == STATEFUL for w in plan.work):
+        limits = plan.limits
+        stateful = get_engine(plan.env.engine).stateful.StatefulProfiler(
+            plan.env.dtype, limits.max_num_batched_tokens, limits.max_num_seqs)
     costs = {k: m.cost_s for k, m in plan.stored.items()}
     measured, failed = 0, {}
     spent = 0.0
@@ -164,8 +188,11 @@ def run_profile(plan: ProfilePlan, db: LatencyDB,
                 continue
             values = parse_point(p)
             try:
-                t = measure(lambda: materialize(w.text, values))
-            except (NotReplayable, RuntimeError, TypeError, ValueError, IndexError) as e:
+                if w.kind == STATEFUL:
+                    t = measure(stateful.make_call(w.op, w.config, w.attrs, values))
+                else:
+                    t = measure(lambda: materialize(w.text, values))
+            except (NotReplayable, DoolyError, RuntimeError, TypeError, ValueError, IndexError) as e:
                 failed[w.signature] = f"{w.op}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
                 continue
             m = Measurement(w.signature, p, t.median_us, t.p25_us, t.p75_us, t.repeats, t.cost_s)

@@ -205,7 +205,7 @@ def signature_id(text: str) -> str:
 
 
 def trace_model(spec: ModelSpec, engine: str = "vllm", tp: int = 1, dtype: str = "bfloat16",
-                hints: tuple[int, int] | None = None) -> Trace:
+                hints: tuple[int, int] | None = None, attention_backend: str | None = None) -> Trace:
     """Trace one step of `spec` on `engine` and label every dimension of every op by its origin."""
     if dtype not in DTYPES:
         raise DoolyError(f"unknown dtype {dtype!r}; dtypes: {', '.join(DTYPES)}")
@@ -216,7 +216,13 @@ def trace_model(spec: ModelSpec, engine: str = "vllm", tp: int = 1, dtype: str =
         if params[key] % tp:
             raise DoolyError(f"--tp {tp} does not divide {key}={params[key]} of {spec.name}")
     eng = get_engine(engine)
-    kwargs = {"hints": hints} if hints else {}
+    kwargs: dict = {"hints": hints} if hints else {}
+    if attention_backend is not None:
+        available = eng.attention_backends()
+        if attention_backend not in available:
+            raise DoolyError(f"attention backend {attention_backend!r} is not offered by {engine} here; "
+                             f"available: {', '.join(available)}")
+        kwargs["attention_backend"] = attention_backend
     start = time.perf_counter()
     real = eng.run_trace(spec.config, tp=tp, dtype=dtype, **kwargs)
     if real.specialized:
@@ -249,7 +255,7 @@ def trace_model(spec: ModelSpec, engine: str = "vllm", tp: int = 1, dtype: str =
     by_name = {str(sym): _REQ[name] for sym, name in real.symbols.items()}
     guards = sorted({str(sympy.sympify(g, locals=by_name)) for g in real.guards})
     return Trace(model=spec.name, engine=engine, engine_version=eng.version(), tp=tp, dtype=dtype,
-                 config_params=params, request_vars=eng.request_vars, ops=traced,
+                 config_params=params, config=spec.config, request_vars=eng.request_vars, ops=traced,
                  unresolved=lab.unresolved, guards=guards, notes=notes,
                  seconds=time.perf_counter() - start)
 

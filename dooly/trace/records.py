@@ -119,6 +119,7 @@ class Trace:
     tp: int
     dtype: str
     config_params: dict  # name -> value of every config parameter labels may use
+    config: dict  # the model's config.json values (stateful profiling rebuilds layers from it)
     request_vars: tuple  # request variables this engine's ops depend on
     ops: list = field(default_factory=list)  # TracedOp in execution order
     unresolved: int = 0  # dims whose origin could not be established (all ops)

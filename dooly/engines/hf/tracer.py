@@ -40,13 +40,18 @@ def build_config(config: dict):
         raise DoolyError(f"transformers rejected the config: {str(e).splitlines()[0]}") from None
 
 
-def run_trace(config: dict, tp: int = 1, dtype: str = "bfloat16", attn_implementation: str = "sdpa",
+def attention_backends() -> list[str]:
+    return list(ATTN_IMPLEMENTATIONS)
+
+
+def run_trace(config: dict, tp: int = 1, dtype: str = "bfloat16", attention_backend: str | None = None,
               hints: tuple[int, int] = (37, 3)) -> RunResult:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
+    attn_implementation = attention_backend or "sdpa"
     if tp != 1:
         raise DoolyError("the hf engine runs without tensor parallelism: use --tp 1 or --engine vllm")
     if attn_implementation not in ATTN_IMPLEMENTATIONS:

@@ -173,3 +173,127 @@ class AttentionRig:
             return out
 
         return kv_update, attention, out
+
+
+# -- profiling: grids of batch compositions and timed calls ------------------------------------------
+
+ATTENTION_OP = "vllm::unified_attention_with_output"
+KV_UPDATE_OP = "vllm::unified_kv_cache_update"
+STATEFUL_OPS = (ATTENTION_OP, KV_UPDATE_OP)
+
+# Batch compositions swept for attention (variables: decode requests and their KV length; a prefill
+# chunk and the context already cached before it; both together = a mixed step).
+ATTENTION_GRIDS = {
+    "full": {"dec_reqs": [1, 2, 4, 8, 16, 32, 64, 128, 256], "dec_kv": [128, 256, 512, 1024, 2048, 4096, 8192],
+             "pre_chunk": [16, 64, 128, 256, 512, 1024, 2048, 4096], "pre_ctx": [0, 512, 1024, 2048, 4096],
+             "mixed_reqs": [1, 8, 32], "mixed_kv": [512, 2048], "mixed_chunk": [128, 512, 2048]},
+    "reduced": {"dec_reqs": [1, 8, 64], "dec_kv": [128, 1024, 4096], "pre_chunk": [16, 128, 512, 2048],
+                "pre_ctx": [0, 1024], "mixed_reqs": [8], "mixed_kv": [1024], "mixed_chunk": [128, 512]},
+}
+KV_UPDATE_TOKENS = {"full": [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096],
+                    "reduced": [1, 16, 128, 512, 2048]}
+
+
+def batch_of(point: dict[str, int]) -> Batch:
+    """The batch composition a grid point stands for (decodes first, then the prefill chunk)."""
+    ctx, q = [], []
+    if "dec_reqs" in point:
+        ctx += [point["dec_kv"] - 1] * point["dec_reqs"]
+        q += [1] * point["dec_reqs"]
+    if "pre_chunk" in point:
+        ctx.append(point.get("pre_ctx", 0))
+        q.append(point["pre_chunk"])
+    if "num_tokens" in point:  # KV-cache write of num_tokens new tokens
+        ctx.append(0)
+        q.append(point["num_tokens"])
+    return Batch(tuple(ctx), tuple(q))
+
+
+def stateful_points(op: str, grid: str, max_num_batched_tokens: int, max_num_seqs: int,
+                    max_model_len: int, kv_token_budget: int) -> list[dict[str, int]]:
+    """Grid points for a stateful op, inside the engine limits and the profiler's KV budget."""
+    if op == KV_UPDATE_OP:
+        return [{"num_tokens": n} for n in KV_UPDATE_TOKENS[grid] if n <= max_num_batched_tokens]
+    g = ATTENTION_GRIDS[grid]
+    out = []
+    for b in g["dec_reqs"]:
+        for kv in g["dec_kv"]:
+            if b <= max_num_seqs and b <= max_num_batched_tokens and kv <= max_model_len and b * kv <= kv_token_budget:
+                out.append({"dec_reqs": b, "dec_kv": kv})
+    for c in g["pre_chunk"]:
+        for p in g["pre_ctx"]:
+            if c <= max_num_batched_tokens and c + p <= min(max_model_len, kv_token_budget):
+                out.append({"pre_chunk": c, "pre_ctx": p})
+    for b in g["mixed_reqs"]:
+        for kv in g["mixed_kv"]:
+            for c in g["mixed_chunk"]:
+                if (b + 1 <= max_num_seqs and b + c <= max_num_batched_tokens and kv <= max_model_len
+                        and b * kv + c <= kv_token_budget):
+                    out.append({"dec_reqs": b, "dec_kv": kv, "pre_chunk": c, "pre_ctx": 0})
+    return out
+
+
+def rig_config(model_config: dict, attrs: dict) -> dict:
+    """The model's config with the attention layer's per-rank head layout (tp shards heads)."""
+    cfg = dict(model_config)
+    cfg["num_attention_heads"] = attrs["num_heads"]
+    cfg["num_key_value_heads"] = attrs["num_kv_heads"]
+    cfg["head_dim"] = attrs["head_size"]
+    cfg["hidden_size"] = attrs["num_heads"] * attrs["head_size"]
+    if attrs.get("sliding_window") is None:
+        cfg.pop("sliding_window", None)
+    return cfg
+
+
+class StatefulProfiler:
+    """Builds (and caches) one rig per attention layout and hands out timed calls per grid point."""
+
+    def __init__(self, dtype: str, max_num_batched_tokens: int, max_num_seqs: int):
+        self.dtype = dtype
+        self.limits = (max_num_batched_tokens, max_num_seqs)
+        self.rigs: dict[tuple, AttentionRig] = {}
+        self.copy = 0
+
+    def rig(self, model_config: dict, attrs: dict) -> AttentionRig:
+        key = tuple(sorted((k, str(v)) for k, v in attrs.items()))
+        if key not in self.rigs:
+            from vllm.v1.worker.cpu_model_runner import _set_torch_accelerator_to_noop
+
+            _set_torch_accelerator_to_noop()  # what the CPU model runner does before running kernels
+            self.rigs.clear()  # one rig (one KV cache) alive at a time
+            tokens, seqs = self.limits
+            self.rigs[key] = AttentionRig(rig_config(model_config, attrs), self.dtype, attrs.get("backend"),
+                                          max_num_seqs=max(seqs, 1) + 1, max_num_batched_tokens=tokens)
+        return self.rigs[key]
+
+    def kv_token_budget(self, model_config: dict, attrs: dict) -> int:
+        rig = self.rig(model_config, attrs)
+        return (rig.num_blocks - 1) * rig.block_size
+
+    def make_call(self, op: str, model_config: dict, attrs: dict, point: dict[str, int]):
+        """A factory of fresh copies of the timed call; each copy uses its own KV blocks."""
+        from dooly.profile.replay import Call
+
+        rig = self.rig(model_config, attrs)
+        batch = batch_of(point)
+        per_copy = rig.blocks_needed(batch)
+        max_copies = max(1, (rig.num_blocks - 1) // per_copy)
+        state = {"copy": 0}
+        page = rig.kv_cache.element_size() * rig.kv_cache[0].numel() if rig.kv_cache.dim() else 0
+
+        def factory():
+            copy = state["copy"] % max_copies
+            state["copy"] += 1
+            update, attention, _ = rig.calls(batch, copy=copy)
+            fn = update if op == KV_UPDATE_OP else attention
+            return Call(fn, [], {}, nbytes=per_copy * page)
+
+        return factory
+
+
+def kv_token_budget(attrs: dict, dtype: str) -> int:
+    """Tokens of KV cache an AttentionRig for this layout holds (the same budget the rig applies)."""
+    itemsize = {"bfloat16": 2, "float16": 2, "float32": 4}[dtype]
+    block = attrs.get("block_size") or 128
+    page = block * 2 * attrs["num_kv_heads"] * attrs["head_size"] * itemsize
+    return max(1, KV_BUDGET_BYTES // page - 1) * block

@@ -30,6 +30,10 @@ def engine_config(model_dir: Path, dtype: str, tp: int = 1, **engine_kwargs):
     from vllm.engine.arg_utils import EngineArgs
     from vllm.usage.usage_lib import UsageContext
 
+    if isinstance(engine_kwargs.get("attention_backend"), str):
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+        engine_kwargs["attention_backend"] = AttentionBackendEnum[engine_kwargs["attention_backend"]]
     args = EngineArgs(model=str(model_dir), skip_tokenizer_init=True, load_format="dummy", dtype=dtype,
                       enforce_eager=True, tensor_parallel_size=tp, **engine_kwargs)
     try:

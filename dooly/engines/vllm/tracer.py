@@ -133,15 +133,22 @@ def build_fake_model(cfg, fake_mode, tp: int = 1, rank: int = 0):
     return model
 
 
+def attention_backends() -> list[str]:
+    from dooly.engines.vllm.attention import available_backends
+
+    return available_backends()
+
+
 def run_trace(config: dict, tp: int = 1, dtype: str = "bfloat16", rank: int = 0,
-              hints: tuple[int, int] = (37, 3)) -> RunResult:
+              hints: tuple[int, int] = (37, 3), attention_backend: str | None = None) -> RunResult:
     """One symbolic engine step (num_tokens tokens, num_reqs requests) through vLLM's model code."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
     from vllm.forward_context import set_forward_context
 
+    extra = {"attention_backend": attention_backend} if attention_backend else {}
     with tempfile.TemporaryDirectory(prefix="dooly-model-") as tmp:
-        cfg = engine_config(write_model_dir(config, Path(tmp)), dtype, tp)
+        cfg = engine_config(write_model_dir(config, Path(tmp)), dtype, tp, **extra)
     with worker_context(cfg):
         shape_env = ShapeEnv(specialize_zero_one=False)
         fm = FakeTensorMode(shape_env=shape_env, allow_non_fake_inputs=True)

@@ -1,0 +1,161 @@
+"""Accuracy of the profiles: a whole real engine step vs the sum of its isolated operations.
+
+For one small real model (default Qwen/Qwen2.5-0.5B, random weights), per available attention backend:
+- vllm / CPU_ATTN: the real engine (in-process, eager, the worker's 1 OpenMP thread) runs a prefill
+  step of N tokens and a decode step of B requests, timed around the model's forward + logits
+  (median of 7 after 2 warm-up repetitions); its attention layers are timed inside the same steps.
+  Predicted: every stateless op replayed in isolation with dooly's timing method, plus the two
+  stateful ops (KV-cache write, attention) timed through vLLM's own attention set-up (AttentionRig)
+  at the same batch composition; each times its count per step.
+- hf / sdpa and eager: the HF model's forward for a prefill (batch 1, N tokens) and a decode step
+  (B sequences, one new token over a KV cache of N tokens), under no_grad as generate() runs it;
+  predicted: every op of the traced phase replayed in isolation (attention is plain aten ops there).
+Printed per backend and step: measured, predicted, ratio; for vLLM also the stateless-only ratio
+(vs forward minus attention) and attention's measured vs predicted time, so each part's error shows.
+Run: .venv/bin/python bench/step_vs_ops.py [MODEL] [PREFILL_TOKENS] [DECODE_BATCH]
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def engine_steps(llm, prompt_len: int, batch: int, reps: int = 7):
+    from vllm import SamplingParams
+
+    from dooly.engines.vllm.engine import time_engine_model
+
+    eng = llm.llm_engine
+    pre, dec = [], []
+    for rep in range(reps + 2):  # the first two repetitions are warm-up
+        sp = SamplingParams(max_tokens=4, min_tokens=4, ignore_eos=True, temperature=0)
+        eng.add_request(f"p{rep}", {"prompt_token_ids": [1 + (i % 500) for i in range(prompt_len)]}, sp)
+        with time_engine_model(llm) as steps:
+            eng.step()  # prefill of prompt_len tokens
+        while eng.has_unfinished_requests():
+            eng.step()
+        for b in range(batch):
+            eng.add_request(f"d{rep}-{b}", {"prompt_token_ids": [1 + b] * (prompt_len - 1)}, sp)
+        eng.step()  # prefill of the batch
+        with time_engine_model(llm) as dsteps:
+            eng.step()  # decode: batch tokens, batch requests, KV length prompt_len each
+        while eng.has_unfinished_requests():
+            eng.step()
+        if rep >= 2:
+            pre.append(steps[0])
+            dec.append(dsteps[0])
+    return pre, dec
+
+
+def isolated_sum_s(trace, values, phase=None, stateful=None, point=None):
+    """(stateless sum, stateful sum) of the step's ops, each timed in isolation times its count."""
+    from dooly.profile.replay import NotReplayable, materialize
+    from dooly.profile.runner import STATEFUL, STATELESS, classify
+    from dooly.profile.timing import measure
+
+    free, state = 0.0, 0.0
+    for g in trace.groups():
+        if phase and g.phase != phase:
+            continue
+        kind = classify(g.op, g.attrs)
+        if kind == STATELESS:
+            try:
+                t = measure(lambda: materialize(g.signature_text, values))
+            except NotReplayable as e:
+                print(f"  not replayable, left out of the sum: {e}")
+                continue
+            free += g.count * t.median_us / 1e6
+        elif kind == STATEFUL and stateful is not None:
+            p = point if g.op.endswith("attention_with_output") else {"num_tokens": values["num_tokens"]}
+            t = measure(stateful.make_call(g.op, trace.config, dict(g.attrs), p))
+            state += g.count * t.median_us / 1e6
+    return free, state
+
+
+def vllm_rows(spec, n_tok, batch):
+    import torch
+
+    from dooly.engines.vllm.attention import StatefulProfiler
+    from dooly.engines.vllm.engine import start_engine
+    from dooly.profile.runner import _load_replay_rules
+    from dooly.trace import trace_model
+
+    trace = trace_model(spec)
+    llm = start_engine(spec.config)
+    pre, dec = engine_steps(llm, n_tok, batch)
+    del llm
+    _load_replay_rules("vllm")
+    torch.set_num_threads(1)
+    prof = StatefulProfiler("bfloat16", 4096, 256)
+    for name, steps, values, point in (
+            ("prefill", pre, {"num_tokens": n_tok, "num_reqs": 1}, {"pre_chunk": n_tok, "pre_ctx": 0}),
+            ("decode", dec, {"num_tokens": batch, "num_reqs": batch}, {"dec_reqs": batch, "dec_kv": n_tok})):
+        fwd = statistics.median(s["forward_s"] for s in steps)
+        att = statistics.median(s["attention_s"] for s in steps)
+        spread = (max(s["forward_s"] for s in steps) - min(s["forward_s"] for s in steps)) / fwd
+        free, state = isolated_sum_s(trace, values, stateful=prof, point=point)
+        print(f"vllm/CPU_ATTN {name:8s} measured {1e3 * fwd:8.2f} ms (spread {100 * spread:.1f}%)  "
+              f"predicted {1e3 * (free + state):8.2f} ms  ratio {(free + state) / fwd:.3f} | stateless "
+              f"{1e3 * free:.2f} vs {1e3 * (fwd - att):.2f} ms ({free / (fwd - att):.3f}) | attention layers "
+              f"{1e3 * state:.2f} vs {1e3 * att:.2f} ms ({state / att:.3f})")
+
+
+def hf_rows(spec, backend, n_tok, batch, reps=7):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dooly.engines.hf.tracer import build_config
+    from dooly.trace import trace_model
+
+    trace = trace_model(spec, engine="hf", attention_backend=backend)
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_config(build_config(spec.config), attn_implementation=backend,
+                                             dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, 1000, (1, n_tok))
+    dids = torch.randint(0, 1000, (batch, n_tok))
+    times = {"prefill": [], "decode": []}
+    with torch.no_grad():
+        for rep in range(reps + 2):
+            t0 = time.perf_counter()
+            model(input_ids=ids, use_cache=True)
+            t1 = time.perf_counter()
+            cache = model(input_ids=dids, use_cache=True).past_key_values
+            t2 = time.perf_counter()
+            model(input_ids=dids[:, :1], past_key_values=cache, use_cache=True)
+            t3 = time.perf_counter()
+            if rep >= 2:
+                times["prefill"].append(t1 - t0)
+                times["decode"].append(t3 - t2)
+    del model
+    for phase, values in (("prefill", {"batch_size": 1, "seq_len": n_tok, "past_len": 0}),
+                          ("decode", {"batch_size": batch, "seq_len": 1, "past_len": n_tok})):
+        m = statistics.median(times[phase])
+        spread = (max(times[phase]) - min(times[phase])) / m
+        free, _ = isolated_sum_s(trace, values, phase=phase)
+        print(f"hf/{backend:10s} {phase:8s} measured {1e3 * m:8.2f} ms (spread {100 * spread:.1f}%)  "
+              f"predicted {1e3 * free:8.2f} ms  ratio {free / m:.3f}")
+
+
+def main() -> None:
+    model = sys.argv[1] if len(sys.argv) > 1 else "Qwen/Qwen2.5-0.5B"
+    n_tok = int(sys.argv[2]) if len(sys.argv) > 2 else 128
+    batch = int(sys.argv[3]) if len(sys.argv) > 3 else 8
+    from dooly.catalog import resolve
+
+    spec = resolve(model)
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    print(f"machine: {platform.node()} | {cpu} | {os.cpu_count()} cores | model {model} | prefill {n_tok} "
+          f"tokens | decode batch {batch} at KV {n_tok}")
+    vllm_rows(spec, n_tok, batch)
+    for backend in ("sdpa", "eager"):
+        hf_rows(spec, backend, n_tok, batch)
+
+
+if __name__ == "__main__":
+    main()
