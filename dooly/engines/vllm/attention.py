@@ -188,7 +188,7 @@ ATTENTION_GRIDS = {
              "pre_chunk": [16, 64, 128, 256, 512, 1024, 2048, 4096], "pre_ctx": [0, 512, 1024, 2048, 4096],
              "mixed_reqs": [1, 8, 32], "mixed_kv": [512, 2048], "mixed_chunk": [128, 512, 2048]},
     "reduced": {"dec_reqs": [1, 8, 64], "dec_kv": [128, 1024, 4096], "pre_chunk": [16, 128, 512, 2048],
-                "pre_ctx": [0, 1024], "mixed_reqs": [8], "mixed_kv": [1024], "mixed_chunk": [128, 512]},
+                "pre_ctx": [0, 1024], "mixed_reqs": [1, 8], "mixed_kv": [1024], "mixed_chunk": [128, 512]},
 }
 KV_UPDATE_TOKENS = {"full": [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096],
                     "reduced": [1, 16, 128, 512, 2048]}
