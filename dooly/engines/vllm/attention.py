@@ -13,32 +13,16 @@ from __future__ import annotations
 
 import math
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from dooly.engines.vllm.setup import engine_config, worker_context, write_model_dir
+from dooly.profile.batches import ATTENTION_GRIDS, KV_UPDATE_TOKENS, Batch, batch_of
 from dooly.errors import DoolyError
 
 LAYER = "model.layers.0.self_attn.attn"
 KV_BUDGET_BYTES = 3 << 29  # 1.5 GiB of paged KV cache at most
-
-
-@dataclass(frozen=True)
-class Batch:
-    """A step's attention work: per request, tokens already in the KV cache and new tokens."""
-
-    context_lens: tuple  # tokens of each request already cached
-    query_lens: tuple  # tokens of each request computed in this step
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.query_lens)
-
-    @property
-    def seq_lens(self) -> list[int]:
-        return [c + q for c, q in zip(self.context_lens, self.query_lens)]
 
 
 def available_backends() -> list[str]:
@@ -180,34 +164,6 @@ class AttentionRig:
 ATTENTION_OP = "vllm::unified_attention_with_output"
 KV_UPDATE_OP = "vllm::unified_kv_cache_update"
 STATEFUL_OPS = (ATTENTION_OP, KV_UPDATE_OP)
-
-# Batch compositions swept for attention (variables: decode requests and their KV length; a prefill
-# chunk and the context already cached before it; both together = a mixed step).
-ATTENTION_GRIDS = {
-    "full": {"dec_reqs": [1, 2, 4, 8, 16, 32, 64, 128, 256], "dec_kv": [128, 256, 512, 1024, 2048, 4096, 8192],
-             "pre_chunk": [16, 64, 128, 256, 512, 1024, 2048, 4096], "pre_ctx": [0, 512, 1024, 2048, 4096],
-             "mixed_reqs": [1, 8, 32], "mixed_kv": [512, 2048], "mixed_chunk": [128, 512, 2048]},
-    "reduced": {"dec_reqs": [1, 8, 64], "dec_kv": [128, 1024, 4096], "pre_chunk": [16, 128, 512, 2048],
-                "pre_ctx": [0, 1024], "mixed_reqs": [1, 8], "mixed_kv": [1024], "mixed_chunk": [128, 512]},
-}
-KV_UPDATE_TOKENS = {"full": [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096],
-                    "reduced": [1, 16, 128, 512, 2048]}
-
-
-def batch_of(point: dict[str, int]) -> Batch:
-    """The batch composition a grid point stands for (decodes first, then the prefill chunk)."""
-    ctx, q = [], []
-    if "dec_reqs" in point:
-        ctx += [point["dec_kv"] - 1] * point["dec_reqs"]
-        q += [1] * point["dec_reqs"]
-    if "pre_chunk" in point:
-        ctx.append(point.get("pre_ctx", 0))
-        q.append(point["pre_chunk"])
-    if "num_tokens" in point:  # KV-cache write of num_tokens new tokens
-        ctx.append(0)
-        q.append(point["num_tokens"])
-    return Batch(tuple(ctx), tuple(q))
-
 
 def stateful_points(op: str, grid: str, max_num_batched_tokens: int, max_num_seqs: int,
                     max_model_len: int, kv_token_budget: int) -> list[dict[str, int]]:
