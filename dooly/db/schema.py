@@ -43,6 +43,15 @@ measurements = Table(
     PrimaryKeyConstraint("env", "signature", "point"),  # one point once: no duplicates, ever
 )
 
+fits = Table(
+    "fits", metadata,
+    Column("env", String(16), ForeignKey("environments.key"), nullable=False),
+    Column("signature", String(16), ForeignKey("signatures.id"), nullable=False),
+    Column("data_hash", String(40), nullable=False),  # hash of the points the fit was made from
+    Column("model", Text, nullable=False),  # regressor as JSON (never pickle)
+    PrimaryKeyConstraint("env", "signature"),
+)
+
 runs = Table(
     "runs", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),

@@ -91,6 +91,8 @@ class LatencyDB:
             if version != S.SCHEMA_VERSION:
                 raise DoolyError(f"database schema version {version!r} is not {S.SCHEMA_VERSION!r} "
                                  f"(this dooly); use another --db")
+            if create and {t.name for t in S.metadata.sorted_tables} - tables:
+                S.metadata.create_all(engine)  # tables added within this schema version (e.g. fits)
             return
         if tables - {t.name for t in S.metadata.sorted_tables}:
             raise DoolyError(f"{self.url} holds other tables and no dooly schema; use another --db")
@@ -162,6 +164,21 @@ class LatencyDB:
     def signature_text(self, signature: str) -> str | None:
         with self.engine.connect() as conn:
             return conn.execute(select(S.signatures.c.text).where(S.signatures.c.id == signature)).scalar()
+
+    # -- fitted regressors ----------------------------------------------------------------------
+    def fit(self, env_key: str, signature: str) -> tuple[str, str] | None:
+        """(data hash, model JSON) of the stored fit, if any."""
+        f = S.fits
+        with self.engine.connect() as conn:
+            row = conn.execute(select(f.c.data_hash, f.c.model).where(f.c.env == env_key,
+                                                                       f.c.signature == signature)).first()
+        return (row[0], row[1]) if row else None
+
+    def put_fit(self, env_key: str, signature: str, data_hash: str, model_json: str) -> None:
+        f = S.fits
+        with self.engine.begin() as conn:
+            conn.execute(f.delete().where(f.c.env == env_key, f.c.signature == signature))
+            conn.execute(f.insert().values(env=env_key, signature=signature, data_hash=data_hash, model=model_json))
 
     # -- runs -----------------------------------------------------------------------------------
     def start_run(self, env_key: str, models: list[str]) -> int:

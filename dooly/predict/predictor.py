@@ -1,0 +1,70 @@
+"""Latency of any signature at any point, from the database's measurements.
+
+Fits are stored beside the data (JSON) with the hash of the points they were made from, and reused
+until that data changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from dooly.db import Environment, LatencyDB, parse_point
+from dooly.errors import DoolyError
+from dooly.predict.models import Linear, Prediction, attention_work, fit, from_json
+
+
+class Predictor:
+    def __init__(self, db: LatencyDB, env: Environment):
+        self.db = db
+        self.env = env
+        self.env_key = db.require_environment(env)
+        self._models: dict[str, object] = {}
+
+    def model(self, signature: str):
+        """The regressor for `signature`, or None when the database has no point of it."""
+        if signature in self._models:
+            return self._models[signature]
+        pts = sorted(self.db.points(self.env_key, signature).values(), key=lambda m: m.point)
+        if not pts:
+            return None
+        digest = hashlib.sha1(json.dumps([(m.point, m.median_us, m.p25_us, m.p75_us) for m in pts])
+                              .encode()).hexdigest()
+        stored = self.db.fit(self.env_key, signature)
+        if stored is not None and stored[0] == digest:
+            model = from_json(json.loads(stored[1]))
+        else:
+            model = fit([parse_point(m.point) for m in pts], [m.median_us for m in pts],
+                        [m.p75_us - m.p25_us for m in pts])
+            self.db.put_fit(self.env_key, signature, digest, json.dumps(model.to_json()))
+        self._models[signature] = model
+        return model
+
+    def latency(self, signature: str, values: dict, *, model_name: str = "", op: str = "") -> Prediction:
+        """Latency at request-variable values (extra variables the signature ignores are dropped)."""
+        m = self._require(signature, model_name, op)
+        return m.predict({k: values[k] for k in m.variables if k in values})
+
+    def attention(self, signature: str, batch, *, model_name: str = "", op: str = "") -> Prediction:
+        """Latency of a stateful attention signature for an arbitrary batch composition."""
+        m = self._require(signature, model_name, op)
+        if not isinstance(m, Linear) or m.features != "attention":
+            return m.predict({"num_tokens": batch.num_tokens})
+        from dooly.profile.batches import batch_of
+
+        for i, p in enumerate(m.points):  # a measured composition: the measurement itself
+            if batch_of(p) == batch:
+                return Prediction(float(m.ys[i]), float(m.iqr[i] / 2), False, True)
+        work = attention_work(batch)
+        known = [attention_work(batch_of(p)) for p in m.points]
+        out = any(w > max(k[j] for k in known) for j, w in enumerate(work))
+        return m.predict_features(work, out)
+
+    def _require(self, signature: str, model_name: str, op: str):
+        m = self.model(signature)
+        if m is None:
+            what = f"{op} ({signature[:8]})" if op else signature
+            who = f" of {model_name}" if model_name else ""
+            raise DoolyError(f"no measurements for {what}{who} in this environment; fill them with: "
+                             f"dooly profile {model_name or 'MODEL'} --db {self.db.url}")
+        return m

@@ -1,0 +1,98 @@
+"""Predictors over the latency database, and step latency composed from a traced step."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dooly.errors import DoolyError
+from dooly.predict.models import Curve, Linear, attention_work, fit, from_json
+from dooly.profile.batches import Batch, batch_of
+
+
+def test_curve_exact_interpolated_extrapolated():
+    # y = 10 + 2x measured at 1, 16, 128 (IQR 1 us everywhere)
+    c = fit([{"num_tokens": x} for x in (1, 16, 128)], [12, 42, 266], [1, 1, 1])
+    assert isinstance(c, Curve)
+    at = c.predict({"num_tokens": 16})
+    assert at.exact and not at.extrapolated and at.us == 42 and at.uncertainty_us == 0.5
+    mid = c.predict({"num_tokens": 72})  # 42 + (72-16)/(128-16) * (266-42) = 154
+    assert not mid.exact and not mid.extrapolated and mid.us == pytest.approx(154)
+    assert mid.uncertainty_us > at.uncertainty_us  # farther from data: wider band
+    out = c.predict({"num_tokens": 512})  # line through the 3 points: ~10 + 2*512
+    assert out.extrapolated and out.us == pytest.approx(1034, rel=0.01)
+    again = from_json(json.loads(json.dumps(c.to_json())))
+    assert again.predict({"num_tokens": 72}) == mid
+
+
+def test_attention_model_recovers_a_linear_cost():
+    # synthetic attention cost: 5 + 2/request + 0.01 per KV token read + 0.002 per prefill token pair
+    truth = np.array([5.0, 2.0, 0.01, 0.0, 0.002])
+    pts = [{"dec_reqs": b, "dec_kv": kv} for b in (1, 8, 64) for kv in (128, 1024, 4096)]
+    pts += [{"pre_chunk": c, "pre_ctx": p} for c in (16, 128, 512) for p in (0, 1024)]
+    ys = [float(np.dot(attention_work(batch_of(p)), truth)) for p in pts]
+    m = fit(pts, ys, [0.1] * len(pts))
+    assert isinstance(m, Linear) and m.features == "attention"
+    batch = Batch((700, 900, 0), (1, 1, 200))  # a mixed batch never measured as such
+    expect = float(np.dot(attention_work(batch), truth))
+    got = m.predict_features(attention_work(batch), False)
+    assert got.us == pytest.approx(expect, rel=1e-3) and not got.exact
+    assert m.predict(pts[4]).exact and m.predict(pts[4]).us == ys[4]
+    assert m.predict({"dec_reqs": 128, "dec_kv": 128}).extrapolated
+
+
+@pytest.fixture(scope="module")
+def profiled(tmp_path_factory, tiny_llama_trace):
+    """The tiny Llama profiled (reduced grid, small limits) into a fresh SQLite database."""
+    from dooly.db import LatencyDB
+    from dooly.engines.vllm import version
+    from dooly.profile import Limits, current_environment, plan_profile, run_profile
+
+    db = LatencyDB(f"sqlite:///{tmp_path_factory.mktemp('pred') / 'latency.db'}")
+    env = current_environment("vllm", version(), "bfloat16", 1)
+    plan = plan_profile([tiny_llama_trace], env, {}, "reduced", Limits(128, 8))
+    summary = run_profile(plan, db)
+    assert not summary.failed
+    return db, env
+
+
+def test_fits_are_stored_as_json_and_refit_when_data_changes(profiled, tiny_llama_trace):
+    from dooly.db import Measurement
+    from dooly.predict import Predictor
+
+    db, env = profiled
+    sig = next(o.signature for o in tiny_llama_trace.ops
+               if o.op == "_C::onednn_mm" and o.module.endswith("gate_up_proj"))
+    Predictor(db, env).latency(sig, {"num_tokens": 64})
+    digest, model = db.fit(env.key, sig)
+    assert json.loads(model)["kind"] == "curve"
+    Predictor(db, env).latency(sig, {"num_tokens": 64})
+    assert db.fit(env.key, sig)[0] == digest  # same data: the stored fit is reused
+    db.add_measurement(env.key, Measurement(sig, "num_tokens=64", 1.0, 1.0, 1.0, 5, 0.1), None)
+    Predictor(db, env).latency(sig, {"num_tokens": 64})
+    assert db.fit(env.key, sig)[0] != digest  # new point: refit
+
+
+def test_step_latency_composes_stateless_and_attention(profiled, tiny_llama_trace):
+    from dooly.predict import Predictor, predict_step
+
+    db, env = profiled
+    pred = Predictor(db, env)
+    decode = predict_step(tiny_llama_trace, pred, Batch((100,) * 4, (1,) * 4))
+    mixed = predict_step(tiny_llama_trace, pred, Batch((100,) * 4 + (0,), (1,) * 4 + (64,)))
+    assert decode.by_kind["stateless"] > 0 and decode.by_kind["stateful"] > 0
+    assert mixed.us > decode.us  # 64 more tokens of prefill cost time
+    assert decode.us == pytest.approx(sum(decode.by_kind.values()))
+
+
+def test_missing_signature_names_model_and_command(profiled):
+    from dooly.catalog import resolve
+    from dooly.predict import Predictor, predict_step
+    from dooly.trace import trace_model
+
+    db, env = profiled
+    other = trace_model(resolve("dooly/tiny-qwen2"))
+    with pytest.raises(DoolyError, match=r"of dooly/tiny-qwen2 .*dooly profile dooly/tiny-qwen2 --db sqlite"):
+        predict_step(other, Predictor(db, env), Batch((0,), (16,)))
