@@ -1,15 +1,15 @@
-"""Accuracy of the profiles: a whole real engine step vs the sum of its isolated operations.
+"""Accuracy of the profiles: a whole real engine step vs the sum predicted from the database.
 
 For one small real model (default Qwen/Qwen2.5-0.5B, random weights), per available attention backend:
 - vllm / CPU_ATTN: the real engine (in-process, eager, the worker's 1 OpenMP thread) runs a prefill
   step of N tokens and a decode step of B requests, timed around the model's forward + logits
   (median of 7 after 2 warm-up repetitions); its attention layers are timed inside the same steps.
-  Predicted: every stateless op replayed in isolation with dooly's timing method, plus the two
-  stateful ops (KV-cache write, attention) timed through vLLM's own attention set-up (AttentionRig)
-  at the same batch composition; each times its count per step.
+  Predicted: the model is profiled (`dooly profile`, reduced grid) into a fresh database, and the
+  step's latency is predicted from it (`predict_step`: every op's regressor at the step's
+  num_tokens / num_reqs, attention at the step's batch composition, times its count per step).
 - hf / sdpa and eager: the HF model's forward for a prefill (batch 1, N tokens) and a decode step
   (B sequences, one new token over a KV cache of N tokens), under no_grad as generate() runs it;
-  predicted: every op of the traced phase replayed in isolation (attention is plain aten ops there).
+  predicted: every op of the traced phase from the database (attention is plain aten ops there).
 Printed per backend and step: measured, predicted, ratio; for vLLM also the stateless-only ratio
 (vs forward minus attention) and attention's measured vs predicted time, so each part's error shows.
 Run: .venv/bin/python bench/step_vs_ops.py [MODEL] [PREFILL_TOKENS] [DECODE_BATCH]
@@ -53,60 +53,63 @@ def engine_steps(llm, prompt_len: int, batch: int, reps: int = 7):
     return pre, dec
 
 
-def isolated_sum_s(trace, values, phase=None, stateful=None, point=None):
-    """(stateless sum, stateful sum) of the step's ops, each timed in isolation times its count."""
-    from dooly.profile.replay import NotReplayable, materialize
-    from dooly.profile.runner import STATEFUL, STATELESS, classify
-    from dooly.profile.timing import measure
+def profile_into(url, spec, engine, backend=None):
+    """Profile `spec` (reduced grid) into the database at `url`; the Predictor for it."""
+    import subprocess
 
-    free, state = 0.0, 0.0
+    from dooly.db import LatencyDB
+    from dooly.engines import get_engine
+    from dooly.predict import Predictor
+    from dooly.profile import current_environment, default_threads
+
+    cmd = [sys.executable, "-m", "dooly.cli", "profile", spec.name, "--engine", engine, "--grid", "reduced",
+           "--db", url] + (["--attention-backend", backend] if backend else [])
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        sys.exit(f"profile failed: {r.stderr.strip().splitlines()[-1]}")
+    failed = [line for line in r.stdout.splitlines() if line.startswith("could not replay")]
+    for line in failed:
+        print(f"  {line}")
+    env = current_environment(engine, get_engine(engine).version(), "bfloat16", default_threads())
+    return Predictor(LatencyDB(url, create=False), env)
+
+
+def phase_sum_s(trace, predictor, values, phase):
+    """Predicted seconds of one HF phase: every non-metadata op's regressor times its count."""
+    from dooly.profile.runner import FREE, classify
+
+    total = 0.0
     for g in trace.groups():
-        if phase and g.phase != phase:
-            continue
-        kind = classify(g.op, g.attrs)
-        if kind == STATELESS:
-            try:
-                t = measure(lambda: materialize(g.signature_text, values))
-            except NotReplayable as e:
-                print(f"  not replayable, left out of the sum: {e}")
-                continue
-            free += g.count * t.median_us / 1e6
-        elif kind == STATEFUL and stateful is not None:
-            p = point if g.op.endswith("attention_with_output") else {"num_tokens": values["num_tokens"]}
-            t = measure(stateful.make_call(g.op, trace.config, dict(g.attrs), p))
-            state += g.count * t.median_us / 1e6
-    return free, state
+        if g.phase == phase and classify(g.op, g.attrs) != FREE:
+            total += g.count * predictor.latency(g.signature, values, model_name=trace.model, op=g.op).us / 1e6
+    return total
 
 
-def vllm_rows(spec, n_tok, batch):
-    import torch
-
-    from dooly.engines.vllm.attention import StatefulProfiler
+def vllm_rows(spec, n_tok, batch, url):
     from dooly.engines.vllm.engine import start_engine
-    from dooly.profile.runner import _load_replay_rules
+    from dooly.predict import predict_step
+    from dooly.profile.batches import Batch
     from dooly.trace import trace_model
 
     trace = trace_model(spec)
     llm = start_engine(spec.config)
     pre, dec = engine_steps(llm, n_tok, batch)
     del llm
-    _load_replay_rules("vllm")
-    torch.set_num_threads(1)
-    prof = StatefulProfiler("bfloat16", 4096, 256)
-    for name, steps, values, point in (
-            ("prefill", pre, {"num_tokens": n_tok, "num_reqs": 1}, {"pre_chunk": n_tok, "pre_ctx": 0}),
-            ("decode", dec, {"num_tokens": batch, "num_reqs": batch}, {"dec_reqs": batch, "dec_kv": n_tok})):
+    predictor = profile_into(url, spec, "vllm")
+    for name, steps, b in (("prefill", pre, Batch((0,), (n_tok,))),
+                           ("decode", dec, Batch((n_tok - 1,) * batch, (1,) * batch))):
         fwd = statistics.median(s["forward_s"] for s in steps)
         att = statistics.median(s["attention_s"] for s in steps)
         spread = (max(s["forward_s"] for s in steps) - min(s["forward_s"] for s in steps)) / fwd
-        free, state = isolated_sum_s(trace, values, stateful=prof, point=point)
+        step = predict_step(trace, predictor, b)
+        free, state = step.by_kind["stateless"] / 1e6, step.by_kind["stateful"] / 1e6
         print(f"vllm/CPU_ATTN {name:8s} measured {1e3 * fwd:8.2f} ms (spread {100 * spread:.1f}%)  "
               f"predicted {1e3 * (free + state):8.2f} ms  ratio {(free + state) / fwd:.3f} | stateless "
               f"{1e3 * free:.2f} vs {1e3 * (fwd - att):.2f} ms ({free / (fwd - att):.3f}) | attention layers "
               f"{1e3 * state:.2f} vs {1e3 * att:.2f} ms ({state / att:.3f})")
 
 
-def hf_rows(spec, backend, n_tok, batch, reps=7):
+def hf_rows(spec, backend, n_tok, batch, url, reps=7):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -133,11 +136,12 @@ def hf_rows(spec, backend, n_tok, batch, reps=7):
                 times["prefill"].append(t1 - t0)
                 times["decode"].append(t3 - t2)
     del model
+    predictor = profile_into(url, spec, "hf", backend)
     for phase, values in (("prefill", {"batch_size": 1, "seq_len": n_tok, "past_len": 0}),
                           ("decode", {"batch_size": batch, "seq_len": 1, "past_len": n_tok})):
         m = statistics.median(times[phase])
         spread = (max(times[phase]) - min(times[phase])) / m
-        free, _ = isolated_sum_s(trace, values, phase=phase)
+        free = phase_sum_s(trace, predictor, values, phase)
         print(f"hf/{backend:10s} {phase:8s} measured {1e3 * m:8.2f} ms (spread {100 * spread:.1f}%)  "
               f"predicted {1e3 * free:8.2f} ms  ratio {free / m:.3f}")
 
@@ -152,9 +156,13 @@ def main() -> None:
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     print(f"machine: {platform.node()} | {cpu} | {os.cpu_count()} cores | model {model} | prefill {n_tok} "
           f"tokens | decode batch {batch} at KV {n_tok}")
-    vllm_rows(spec, n_tok, batch)
-    for backend in ("sdpa", "eager"):
-        hf_rows(spec, backend, n_tok, batch)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        url = f"sqlite:///{tmp}/latency.db"
+        vllm_rows(spec, n_tok, batch, url)
+        for backend in ("sdpa", "eager"):
+            hf_rows(spec, backend, n_tok, batch, url)
 
 
 if __name__ == "__main__":

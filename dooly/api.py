@@ -1,0 +1,76 @@
+"""The Python API: a few calls that run the pipeline's stages and return pandas DataFrames."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from dooly.errors import DoolyError
+
+
+@dataclass
+class SimulationResult:
+    summary: pd.DataFrame  # one row per metric: mean, p50, p90, p99 (seconds), throughput rows
+    requests: pd.DataFrame  # one row per request: ttft, tpot, e2e, ...
+    steps: pd.DataFrame  # one row per engine step: batch composition and predicted latency
+
+
+def parse_workload(spec, max_len: int | None = None):
+    """A file path, or a synthetic spec "n=200,prompt=uniform:50:1000,output=128,arrivals=poisson:2,seed=0"."""
+    from pathlib import Path
+
+    from dooly.sim.workload import load, synthetic
+
+    if isinstance(spec, list):
+        return spec
+    if Path(spec).exists() or spec.endswith((".csv", ".json")):
+        return load(spec, max_len)
+    fields = {}
+    for part in spec.split(","):
+        key, eq, value = part.partition("=")
+        if not eq or key not in ("n", "prompt", "output", "arrivals", "seed"):
+            raise DoolyError(f"bad workload {spec!r}: a file, or n=N,prompt=...,output=...,arrivals=...,seed=S")
+        fields[key] = value
+    try:
+        n, seed = int(fields.pop("n", "100")), int(fields.pop("seed", "0"))
+    except ValueError:
+        raise DoolyError(f"bad workload {spec!r}: n and seed are integers") from None
+    reqs = synthetic(n, seed=seed, **fields)
+    if max_len is not None:
+        too_long = next((r for r in reqs if r.prompt_tokens + r.output_tokens > max_len), None)
+        if too_long is not None:
+            raise DoolyError(f"workload request {too_long.request_id}: {too_long.prompt_tokens} + "
+                             f"{too_long.output_tokens} tokens exceed the model's max length {max_len}")
+    return reqs
+
+
+def simulate(model: str, workload, *, db: str | None = None, dtype: str = "bfloat16",
+             max_num_batched_tokens: int = 4096, max_num_seqs: int = 256, enable_prefix_caching: bool = True,
+             enable_chunked_prefill: bool = True, num_gpu_blocks: int | None = None,
+             threads: int | None = None) -> SimulationResult:
+    """Simulate serving `model` on vLLM (this machine's engine) for `workload`, from the database."""
+    from dooly.catalog import resolve
+    from dooly.db import LatencyDB
+    from dooly.engines.vllm import version
+    from dooly.engines.vllm.scheduler import VllmScheduler
+    from dooly.predict import Predictor, predict_step
+    from dooly.profile import current_environment, default_threads
+    from dooly.sim import simulate as run
+    from dooly.sim.metrics import requests_frame, steps_frame, summary
+    from dooly.trace import trace_model
+
+    for name, value in (("max_num_batched_tokens", max_num_batched_tokens), ("max_num_seqs", max_num_seqs)):
+        if value <= 0:
+            raise DoolyError(f"{name} must be > 0, got {value}")
+    spec = resolve(model)
+    trace = trace_model(spec, dtype=dtype)
+    env = current_environment("vllm", version(), dtype, threads or default_threads())
+    predictor = Predictor(LatencyDB(db, create=False), env)
+    sched = VllmScheduler(spec.config, dtype, num_blocks=num_gpu_blocks, max_num_batched_tokens=max_num_batched_tokens,
+                          max_num_seqs=max_num_seqs, enable_prefix_caching=enable_prefix_caching,
+                          enable_chunked_prefill=enable_chunked_prefill)
+    requests = parse_workload(workload, sched.max_model_len)
+    results, steps = run(requests, sched, lambda batch: predict_step(trace, predictor, batch).us / 1e6,
+                         vocab=spec.config["vocab_size"])
+    return SimulationResult(summary(results), requests_frame(results), steps_frame(steps))

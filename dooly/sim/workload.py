@@ -1,0 +1,179 @@
+"""Workloads: synthetic (seeded) and from files, as RequestSpec lists.
+
+Synthetic: `n` requests; prompt and output lengths fixed ("128"), uniform ("uniform:50:1000") or
+normal ("normal:512:128", clipped to >= 1); arrivals "burst" (all at t=0), "poisson:RATE" (requests/s)
+or "gamma:RATE:CV" (burstiness CV; CV=1 is Poisson).
+Files (by extension / content):
+- CSV traces with arrival, prompt and output token columns under any of these names:
+  dooly's own (arrival_s, prompt_tokens, output_tokens), Vidur's (arrived_at, num_prefill_tokens,
+  num_decode_tokens), Azure's LLM inference trace (TIMESTAMP, ContextTokens, GeneratedTokens).
+- vLLM `bench serve --save-result --save-detailed` JSON (input_lens, output_lens, start_times).
+- ShareGPT-style JSON (a list of {"conversations": [{"from": "human", ...}, {"from": "gpt", ...}]});
+  without a tokenizer, lengths are whitespace-separated words (stated as an approximation).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from dooly.errors import DoolyError
+from dooly.sim.core import RequestSpec
+
+CSV_COLUMNS = {  # field -> accepted column names, first match wins
+    "arrival": ("arrival_s", "arrived_at", "TIMESTAMP", "timestamp", "arrival_time"),
+    "prompt": ("prompt_tokens", "num_prefill_tokens", "ContextTokens", "input_tokens"),
+    "output": ("output_tokens", "num_decode_tokens", "GeneratedTokens"),
+}
+
+
+def _lengths(spec: str, n: int, rng: np.random.Generator, what: str) -> np.ndarray:
+    parts = spec.split(":")
+    try:
+        if len(parts) == 1:
+            out = np.full(n, int(parts[0]))
+        elif parts[0] == "uniform":
+            out = rng.integers(int(parts[1]), int(parts[2]) + 1, n)
+        elif parts[0] == "normal":
+            out = np.maximum(1, np.rint(rng.normal(float(parts[1]), float(parts[2]), n))).astype(int)
+        else:
+            raise ValueError
+    except (ValueError, IndexError):
+        raise DoolyError(f"bad {what} length {spec!r}: use N, uniform:A:B or normal:MEAN:STD") from None
+    if (out < 1).any():
+        raise DoolyError(f"{what} lengths must be >= 1, got {spec!r}")
+    return out
+
+
+def _arrivals(spec: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    parts = spec.split(":")
+    try:
+        if parts[0] == "burst":
+            return np.zeros(n)
+        rate = float(parts[1])
+        if rate <= 0:
+            raise ValueError
+        if parts[0] == "poisson":
+            gaps = rng.exponential(1 / rate, n)
+        elif parts[0] == "gamma":
+            cv = float(parts[2])
+            shape = 1 / cv**2
+            gaps = rng.gamma(shape, 1 / (rate * shape), n)
+        else:
+            raise ValueError
+    except (ValueError, IndexError):
+        raise DoolyError(f"bad arrivals {spec!r}: use burst, poisson:RATE or gamma:RATE:CV (RATE > 0)") from None
+    gaps[0] = 0.0
+    return np.cumsum(gaps)
+
+
+def synthetic(n: int, prompt: str = "512", output: str = "128", arrivals: str = "burst",
+              seed: int = 0) -> list[RequestSpec]:
+    if n <= 0:
+        raise DoolyError(f"number of requests must be > 0, got {n}")
+    rng = np.random.default_rng(seed)
+    p, o, t = _lengths(prompt, n, rng, "prompt"), _lengths(output, n, rng, "output"), _arrivals(arrivals, n, rng)
+    return [RequestSpec(str(i), float(t[i]), int(p[i]), int(o[i])) for i in range(n)]
+
+
+def _int_field(value, path: Path, row: int, field: str) -> int:
+    try:
+        x = int(float(value))
+    except (TypeError, ValueError):
+        raise DoolyError(f"{path}: row {row}: {field} {value!r} is not a number") from None
+    if x < 1:
+        raise DoolyError(f"{path}: row {row}: {field} must be >= 1, got {x}")
+    return x
+
+
+def _time_field(value, path: Path, row: int) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        pass
+    try:  # Azure's trace: "2023-11-16 18:15:46.6805900" (sub-microsecond digits dropped)
+        text = str(value)
+        if "." in text:
+            head, frac = text.split(".", 1)
+            text = f"{head}.{frac[:6]}"
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise DoolyError(f"{path}: row {row}: arrival time {value!r} is neither seconds nor a timestamp") from None
+
+
+def _check(path: Path, rows: list[tuple[float, int, int]], max_len: int | None) -> list[RequestSpec]:
+    if not rows:
+        raise DoolyError(f"{path}: no requests")
+    t0 = rows[0][0]
+    out = []
+    for i, (t, p, o) in enumerate(rows):
+        row = i + 1
+        if i and t < rows[i - 1][0]:
+            raise DoolyError(f"{path}: row {row}: arrival time {t} is earlier than the row before ({rows[i - 1][0]})")
+        if max_len is not None and p + o > max_len:
+            raise DoolyError(f"{path}: row {row}: prompt_tokens {p} + output_tokens {o} exceed the model's "
+                             f"max length {max_len}")
+        out.append(RequestSpec(str(i), t - t0, p, o))
+    return out
+
+
+def load(path: str | Path, max_len: int | None = None) -> list[RequestSpec]:
+    path = Path(path)
+    if not path.is_file():
+        raise DoolyError(f"{path}: no such workload file")
+    if path.suffix.lower() == ".csv":
+        return _load_csv(path, max_len)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DoolyError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
+    if isinstance(data, dict) and "input_lens" in data:
+        return _load_bench_serve(path, data, max_len)
+    if isinstance(data, list) and data and isinstance(data[0], dict) and "conversations" in data[0]:
+        return _load_sharegpt(path, data, max_len)
+    raise DoolyError(f"{path}: not a CSV trace, vLLM bench serve result or ShareGPT-style JSON")
+
+
+def _load_csv(path: Path, max_len: int | None) -> list[RequestSpec]:
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        cols = {}
+        for field, names in CSV_COLUMNS.items():
+            found = next((n for n in names if n in header), None)
+            if found is None:
+                raise DoolyError(f"{path}: missing column for {field} (one of {', '.join(names)})")
+            cols[field] = found
+        rows = []
+        for i, rec in enumerate(reader, start=1):
+            rows.append((_time_field(rec[cols["arrival"]], path, i),
+                         _int_field(rec[cols["prompt"]], path, i, "prompt tokens"),
+                         _int_field(rec[cols["output"]], path, i, "output tokens")))
+    return _check(path, rows, max_len)
+
+
+def _load_bench_serve(path: Path, data: dict, max_len: int | None) -> list[RequestSpec]:
+    inputs, outputs = data.get("input_lens"), data.get("output_lens")
+    if not isinstance(outputs, list) or len(outputs) != len(inputs):
+        raise DoolyError(f"{path}: bench serve result lacks output_lens matching input_lens")
+    starts = data.get("start_times") or [0.0] * len(inputs)
+    rows = [(float(starts[i]), _int_field(inputs[i], path, i + 1, "prompt tokens"),
+             _int_field(outputs[i], path, i + 1, "output tokens")) for i in range(len(inputs))]
+    order = sorted(range(len(rows)), key=lambda i: rows[i][0])  # bench serve records in completion order
+    return _check(path, [rows[i] for i in order], max_len)
+
+
+def _load_sharegpt(path: Path, data: list, max_len: int | None) -> list[RequestSpec]:
+    rows = []
+    for i, item in enumerate(data, start=1):
+        conv = item.get("conversations") or []
+        human = next((c.get("value", "") for c in conv if c.get("from") == "human"), None)
+        reply = next((c.get("value", "") for c in conv if c.get("from") == "gpt"), None)
+        if human is None or reply is None:
+            raise DoolyError(f"{path}: row {i}: conversation lacks a human turn or a gpt reply")
+        rows.append((0.0, max(1, len(human.split())), max(1, len(reply.split()))))
+    return _check(path, rows, max_len)
