@@ -261,6 +261,58 @@ def db_ls(db: Optional[str] = typer.Option(None, "--db", help=_DB_HELP),
 
 
 @app.command()
+def simulate(
+    model: str = typer.Argument(..., help="HF id from the catalog, or a path to config.json / its folder"),
+    workload: str = typer.Option(..., help="a CSV / bench-serve / ShareGPT file, or "
+                                            "n=N,prompt=SPEC,output=SPEC,arrivals=burst|poisson:R|gamma:R:CV,seed=S"),
+    db: Optional[str] = typer.Option(None, "--db", help=_DB_HELP),
+    dtype: str = typer.Option("bfloat16"),
+    max_num_batched_tokens: int = typer.Option(4096),
+    max_num_seqs: int = typer.Option(256),
+    enable_prefix_caching: bool = typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching"),
+    enable_chunked_prefill: bool = typer.Option(True, "--enable-chunked-prefill/--no-enable-chunked-prefill"),
+    num_gpu_blocks: Optional[int] = typer.Option(None, help="KV-cache blocks (default: what the engine gets)"),
+    out: Optional[str] = typer.Option(None, help="folder for requests.csv, steps.csv, summary.json (and plots)"),
+    plot: bool = typer.Option(False, "--plot", help="with --out: latency CDFs and per-step plots (PNG)"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+) -> None:
+    """Predict TTFT, TPOT, ITL, E2E and throughput of serving MODEL on vLLM for a workload."""
+    from dooly.api import simulate as run
+
+    try:
+        res = run(model, workload, db=db, dtype=dtype, max_num_batched_tokens=max_num_batched_tokens,
+                  max_num_seqs=max_num_seqs, enable_prefix_caching=enable_prefix_caching,
+                  enable_chunked_prefill=enable_chunked_prefill, num_gpu_blocks=num_gpu_blocks)
+    except DoolyError as e:
+        _fail(e)
+    if out:
+        from pathlib import Path
+
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        res.requests.to_csv(folder / "requests.csv", index=False)
+        res.steps.to_csv(folder / "steps.csv", index=False)
+        res.summary.to_json(folder / "summary.json", orient="records", indent=1)
+        if plot:
+            from dooly.sim.plots import write_plots
+
+            write_plots(res, folder)
+    if as_json:
+        sys.stdout.write(res.summary.to_json(orient="records") + "\n")
+        return
+    table = Table("metric", "mean", "p50", "p90", "p99", title=f"{model}: {len(res.requests)} requests, "
+                                                               f"{len(res.steps)} steps")
+    for _, r in res.summary.iterrows():
+        latency = r["metric"] in ("ttft_s", "tpot_s", "itl_s", "e2e_s")
+        fmt = (lambda v: f"{1e3 * v:.1f} ms") if latency else (lambda v: f"{v:.2f}")
+        name = r["metric"].removesuffix("_s") if latency else r["metric"].replace("_per_s", "/s")
+        table.add_row(name, *[fmt(r[c]) if r[c] == r[c] else "" for c in ("mean", "p50", "p90", "p99")])
+    console.print(table)
+    if out:
+        console.print(f"wrote {out}/requests.csv, steps.csv, summary.json" + (" and plots" if plot else ""))
+
+
+@app.command()
 def quickstart(
     model: str = typer.Option("dooly/tiny-llama", help="model whose step is traced and shown"),
     suite: str = typer.Option("7b", help="catalog suite whose cross-model sharing is shown"),

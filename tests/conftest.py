@@ -31,3 +31,18 @@ def tiny_llama_engine(tiny_llama):
     llm = start_engine(tiny_llama.config)
     yield llm
     del llm
+
+
+@pytest.fixture(scope="session")
+def profiled(tmp_path_factory, tiny_llama_trace):
+    """The tiny Llama profiled (reduced grid, small limits) into a fresh SQLite database."""
+    from dooly.db import LatencyDB
+    from dooly.engines.vllm import version
+    from dooly.profile import Limits, current_environment, default_threads, plan_profile, run_profile
+
+    db = LatencyDB(f"sqlite:///{tmp_path_factory.mktemp('pred') / 'latency.db'}")
+    env = current_environment("vllm", version(), "bfloat16", default_threads())
+    plan = plan_profile([tiny_llama_trace], env, {}, "reduced", Limits(128, 8))
+    summary = run_profile(plan, db)
+    assert not summary.failed
+    return db, env

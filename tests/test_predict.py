@@ -43,21 +43,6 @@ def test_attention_model_recovers_a_linear_cost():
     assert m.predict({"dec_reqs": 128, "dec_kv": 128}).extrapolated
 
 
-@pytest.fixture(scope="module")
-def profiled(tmp_path_factory, tiny_llama_trace):
-    """The tiny Llama profiled (reduced grid, small limits) into a fresh SQLite database."""
-    from dooly.db import LatencyDB
-    from dooly.engines.vllm import version
-    from dooly.profile import Limits, current_environment, plan_profile, run_profile
-
-    db = LatencyDB(f"sqlite:///{tmp_path_factory.mktemp('pred') / 'latency.db'}")
-    env = current_environment("vllm", version(), "bfloat16", 1)
-    plan = plan_profile([tiny_llama_trace], env, {}, "reduced", Limits(128, 8))
-    summary = run_profile(plan, db)
-    assert not summary.failed
-    return db, env
-
-
 def test_fits_are_stored_as_json_and_refit_when_data_changes(profiled, tiny_llama_trace):
     from dooly.db import Measurement
     from dooly.predict import Predictor

@@ -6,7 +6,7 @@ import pytest
 
 from dooly.sim.core import RequestSpec, prompt_ids, simulate
 
-LIMITS = {"max_num_batched_tokens": 256, "max_num_seqs": 4}
+LIMITS = {"max_num_batched_tokens": 256, "max_num_seqs": 4, "max_model_len": 1408}
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +27,8 @@ def _real_schedule(llm, specs, vocab):
     schedule = sched.schedule
     log = []
 
-    def recording():
-        out = schedule()
+    def recording(*args, **kwargs):
+        out = schedule(*args, **kwargs)
         log.append(dict(out.num_scheduled_tokens))
         return out
 

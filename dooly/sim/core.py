@@ -69,7 +69,7 @@ def simulate(requests: list[RequestSpec], scheduler: Scheduler, step_latency: Ca
     results = {r.request_id: RequestResult(r.request_id, r.arrival_s, r.prompt_tokens, r.output_tokens)
                for r in requests}
     steps: list[StepResult] = []
-    now, k = 0.0, 0
+    now, k, idle = 0.0, 0, 0
     for _ in range(max_steps):
         while k < len(pending) and pending[k][1].arrival_s <= now:
             i, r = pending[k]
@@ -81,11 +81,14 @@ def simulate(requests: list[RequestSpec], scheduler: Scheduler, step_latency: Ca
             now = pending[k][1].arrival_s
             continue
         s = scheduler.step()
-        if s is None:  # nothing could be scheduled: wait for the next arrival, or give up
-            if k == len(pending):
+        if s is None:  # an empty step (e.g. flushing finished requests), else wait for the next arrival
+            idle += 1
+            if k < len(pending):
+                now = max(now, pending[k][1].arrival_s)
+            elif idle > 2:
                 raise RuntimeError("the scheduler holds requests it cannot schedule")
-            now = max(now, pending[k][1].arrival_s)
             continue
+        idle = 0
         end = now + step_latency(s.batch)
         for rid, c, q in zip(s.req_ids, s.batch.context_lens, s.batch.query_lens):
             res = results[rid]

@@ -46,6 +46,6 @@ def summary(results: list[RequestResult]) -> pd.DataFrame:
         rows.append(row)
     span = max(r.token_times[-1] for r in results) - min(r.arrival_s for r in results)
     tokens = sum(len(r.token_times) for r in results)
-    rows.append({"metric": "request_throughput_per_s", "mean": len(results) / span if span > 0 else float("nan")})
-    rows.append({"metric": "output_token_throughput_per_s", "mean": tokens / span if span > 0 else float("nan")})
+    rows.append({"metric": "requests_per_s", "mean": len(results) / span if span > 0 else float("nan")})
+    rows.append({"metric": "output_tokens_per_s", "mean": tokens / span if span > 0 else float("nan")})
     return pd.DataFrame(rows)

@@ -1,0 +1,43 @@
+"""`dooly simulate` and the Python API on a profiled database."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+WORKLOAD = "n=24,prompt=uniform:20:300,output=uniform:4:24,arrivals=poisson:20,seed=3"
+LIMITS = {"max_num_batched_tokens": 128, "max_num_seqs": 8}
+
+
+def test_api_returns_dataframes_and_is_deterministic(profiled):
+    from dooly.api import simulate
+
+    db, _ = profiled
+    a = simulate("dooly/tiny-llama", WORKLOAD, db=db.url, **LIMITS)
+    b = simulate("dooly/tiny-llama", WORKLOAD, db=db.url, **LIMITS)
+    assert a.requests.equals(b.requests) and a.steps.equals(b.steps)
+    assert len(a.requests) == 24
+    assert set(a.summary["metric"]) >= {"ttft_s", "tpot_s", "itl_s", "e2e_s", "requests_per_s"}
+    assert (a.requests["ttft_s"] > 0).all() and (a.requests["e2e_s"] >= a.requests["ttft_s"]).all()
+    assert a.steps["num_tokens"].max() <= 128 and a.steps["num_reqs"].max() <= 8  # the engine limits hold
+    assert (a.steps["latency_s"] > 0).all()
+
+
+def test_cli_json_and_outputs(profiled, tmp_path):
+    db, _ = profiled
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run([sys.executable, "-m", "dooly.cli", "simulate", "dooly/tiny-llama", "--workload", WORKLOAD,
+                        "--db", db.url, "--max-num-batched-tokens", "128", "--max-num-seqs", "8", "--json",
+                        "--out", str(tmp_path), "--plot"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = {row["metric"]: row for row in json.loads(r.stdout)}
+    assert summary["ttft_s"]["p99"] >= summary["ttft_s"]["p50"] > 0
+    for name in ("requests.csv", "steps.csv", "summary.json", "latency_cdfs.png", "steps.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    bad = tmp_path / "bad.csv"
+    bad.write_text("arrival_s,prompt_tokens,output_tokens\n0,100,20\n1,-5,3\n")
+    r = subprocess.run([sys.executable, "-m", "dooly.cli", "simulate", "dooly/tiny-llama", "--workload", str(bad),
+                        "--db", db.url], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode != 0 and "row 2: prompt tokens must be >= 1" in r.stderr and "Traceback" not in r.stderr
