@@ -39,10 +39,10 @@ def db_url(request, tmp_path):
         if os.environ.get("CI"):
             pytest.fail("PostgreSQL is required in CI (scripts/postgres.sh starts it)")
         pytest.skip("no local PostgreSQL server (run scripts/postgres.sh to start one)")
+    from dooly.db.schema import metadata
+
     db = LatencyDB(url, create=False)
-    with db.engine.begin() as conn:  # a clean database for every test
-        for t in ("measurements", "runs", "signatures", "environments", "dooly_meta"):
-            conn.execute(text(f"DROP TABLE IF EXISTS {t}"))
+    metadata.drop_all(db.engine)  # a clean database for every test
     yield url
 
 
