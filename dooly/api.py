@@ -74,3 +74,50 @@ def simulate(model: str, workload, *, db: str | None = None, dtype: str = "bfloa
     results, steps = run(requests, sched, lambda batch: predict_step(trace, predictor, batch).us / 1e6,
                          vocab=spec.config["vocab_size"])
     return SimulationResult(summary(results), requests_frame(results), steps_frame(steps))
+
+
+CALIBRATION_MODELS = ("dooly/tiny-llama", "dooly/tiny-llama-deep")
+
+
+def calibrate(db: str | None = None, models=CALIBRATION_MODELS, dtype: str = "bfloat16",
+              threads: int | None = None, seed: int = 0) -> pd.DataFrame:
+    """Measure the real engine's per-step overhead in this environment and store it in the database.
+
+    Each model (different depths: different numbers of dispatched ops) is profiled where the database
+    lacks it, then served by the real in-process engine on a mixed workload; every step's residual
+    (measured step time - predicted sum of its ops) becomes an overhead sample. Returns the samples.
+    """
+    import time
+
+    from dooly.catalog import resolve
+    from dooly.db import LatencyDB
+    from dooly.engines.vllm import version
+    from dooly.engines.vllm.engine import record_engine_steps, start_engine
+    from dooly.predict import Predictor, predict_step
+    from dooly.predict.overhead import overhead_point, store_calibration
+    from dooly.profile import Limits, current_environment, default_threads, plan_profile, run_profile
+    from dooly.sim.workload import synthetic
+    from dooly.trace import trace_model
+
+    start = time.perf_counter()
+    database = LatencyDB(db)
+    env = current_environment("vllm", version(), dtype, threads or default_threads())
+    specs = [resolve(m) for m in models]
+    traces = [trace_model(s, dtype=dtype) for s in specs]
+    plan = plan_profile(traces, env, database.points(env.key), "reduced", Limits())
+    run_profile(plan, database)
+    workload = synthetic(16, prompt="uniform:8:600", output="uniform:4:48", arrivals="burst", seed=seed)
+    rows, residuals = [], []
+    for spec, trace in zip(specs, traces):
+        llm = start_engine(spec.config, dtype=dtype)
+        steps = record_engine_steps(llm, workload, spec.config["vocab_size"])
+        del llm
+        predictor = Predictor(database, env)
+        for batch, seconds in steps[2:]:  # the first steps warm the engine up
+            ops = predict_step(trace, predictor, batch, overhead=False).us
+            point = overhead_point(trace, batch)
+            residuals.append((point, seconds * 1e6 - ops))
+            rows.append({"model": spec.name, **point, "measured_us": seconds * 1e6, "ops_us": ops,
+                         "overhead_us": seconds * 1e6 - ops})
+    store_calibration(database, env.key, residuals, time.perf_counter() - start)
+    return pd.DataFrame(rows)

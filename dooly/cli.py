@@ -313,6 +313,27 @@ def simulate(
 
 
 @app.command()
+def calibrate(
+    db: Optional[str] = typer.Option(None, "--db", help=_DB_HELP),
+    models: str = typer.Option(",".join(("dooly/tiny-llama", "dooly/tiny-llama-deep")),
+                               help="comma-separated small models of different depths"),
+    dtype: str = typer.Option("bfloat16"),
+) -> None:
+    """Measure the real engine's per-step overhead here (outside the traced ops) and store it."""
+    from dooly.api import calibrate as run
+
+    try:
+        samples = run(db, tuple(m for m in models.split(",") if m), dtype)
+    except DoolyError as e:
+        _fail(e)
+    table = Table("model", "steps", "median measured ms", "median ops ms", "median overhead ms")
+    for name, g in samples.groupby("model"):
+        table.add_row(name, str(len(g)), f"{g['measured_us'].median() / 1e3:.2f}",
+                      f"{g['ops_us'].median() / 1e3:.2f}", f"{g['overhead_us'].median() / 1e3:.2f}")
+    console.print(table)
+
+
+@app.command()
 def quickstart(
     model: str = typer.Option("dooly/tiny-llama", help="model whose step is traced and shown"),
     suite: str = typer.Option("7b", help="catalog suite whose cross-model sharing is shown"),

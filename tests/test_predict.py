@@ -81,3 +81,26 @@ def test_missing_signature_names_model_and_command(profiled):
     other = trace_model(resolve("dooly/tiny-qwen2"))
     with pytest.raises(DoolyError, match=r"of dooly/tiny-qwen2 .*dooly profile dooly/tiny-qwen2 --db sqlite"):
         predict_step(other, Predictor(db, env), Batch((0,), (16,)))
+
+
+def test_calibration_stores_the_engine_overhead_and_steps_include_it(tmp_path, tiny_llama_trace):
+    from dooly.api import calibrate
+    from dooly.db import LatencyDB
+    from dooly.predict import Predictor, predict_step
+    from dooly.predict.overhead import OVERHEAD_SIG
+
+    url = f"sqlite:///{tmp_path / 'cal.db'}"
+    samples = calibrate(url, models=("dooly/tiny-llama",))
+    assert len(samples) > 10 and (samples["measured_us"] > 0).all()
+    db = LatencyDB(url, create=False)
+    env = db.environments()[0]
+    stored = db.points(env.key, OVERHEAD_SIG)
+    assert stored and all(m.signature == OVERHEAD_SIG for m in stored.values())
+    step = predict_step(tiny_llama_trace, Predictor(db, env), Batch((50,) * 3, (1,) * 3))
+    bare = predict_step(tiny_llama_trace, Predictor(db, env), Batch((50,) * 3, (1,) * 3), overhead=False)
+    assert step.calibrated and not bare.calibrated
+    assert step.us == pytest.approx(bare.us + step.by_kind["overhead"])
+    # calibrating again replaces the overhead points rather than adding to them
+    again = calibrate(url, models=("dooly/tiny-llama",), seed=1)
+    distinct = again[["num_ops", "num_reqs", "num_tokens"]].drop_duplicates()
+    assert len(db.points(env.key, OVERHEAD_SIG)) == len(distinct)

@@ -136,7 +136,8 @@ class Linear:
         self.hi = {k: max(p.get(k, 0) for p in points) for k in set().union(*points)}
         if weights is None:
             X = np.array([FEATURES[features](p) for p in points])
-            scale = np.maximum(self.ys, 1e-9)  # relative error matters: weight each point by 1/y
+            # relative error matters: weight each point by 1/|y| (floored, residual fits may cross 0)
+            scale = np.maximum(np.abs(self.ys), 1e-3 * float(np.abs(self.ys).max()) + 1e-9)
             weights, _ = nnls(X / scale[:, None], self.ys / scale)
             fit = X @ weights
             rel_rms = float(np.sqrt(np.mean(((fit - self.ys) / scale) ** 2)))
@@ -170,7 +171,14 @@ class Linear:
         return cls(d["features"], d["points"], d["ys"], d["iqr"], d["weights"], d["rel_rms"])
 
 
+@feature_set("overhead")
+def _overhead(p: dict) -> list[float]:
+    """Per-step engine overhead: constant, per dispatched op, per request, per token."""
+    return [1.0, float(p.get("num_ops", 0)), float(p.get("num_reqs", 0)), float(p.get("num_tokens", 0))]
+
+
 ATTENTION_VARS = {"dec_reqs", "dec_kv", "pre_chunk", "pre_ctx"}
+OVERHEAD_VARS = {"num_ops", "num_reqs", "num_tokens"}
 
 
 def fit(points: list[dict], ys, iqr, features: str | None = None):
@@ -178,6 +186,8 @@ def fit(points: list[dict], ys, iqr, features: str | None = None):
     variables = sorted(set().union(*points)) if points else []
     if features is None and variables and set(variables) <= ATTENTION_VARS:
         features = "attention"
+    if features is None and "num_ops" in variables and set(variables) <= OVERHEAD_VARS:
+        features = "overhead"
     if len(variables) <= 1 and features is None:
         var = variables[0] if variables else "_"
         return Curve(var, [p.get(var, 0) for p in points], ys, iqr)

@@ -19,13 +19,14 @@ from dooly.trace.records import Trace
 
 @dataclass
 class StepPrediction:
-    us: float  # predicted latency of the step's model forward
+    us: float  # predicted latency of the step: its ops, plus the engine's calibrated per-step overhead
     uncertainty_us: float  # root-sum-square of the per-op bands (repeats of one op add linearly)
     extrapolated: bool  # some op was predicted outside its measured range
-    by_kind: dict = field(default_factory=dict)  # stateless / stateful -> us
+    by_kind: dict = field(default_factory=dict)  # stateless / stateful / overhead -> us
+    calibrated: bool = False  # the environment's per-step overhead was known and included
 
 
-def predict_step(trace: Trace, predictor: Predictor, batch: Batch) -> StepPrediction:
+def predict_step(trace: Trace, predictor: Predictor, batch: Batch, overhead: bool = True) -> StepPrediction:
     if trace.engine != "vllm":
         raise DoolyError(f"step prediction needs a vLLM trace (one op list per step), got {trace.engine}")
     values = {"num_tokens": batch.num_tokens, "num_reqs": len(batch.query_lens)}
@@ -45,4 +46,15 @@ def predict_step(trace: Trace, predictor: Predictor, batch: Batch) -> StepPredic
         by_kind[kind] += g.count * p.us
         var += (g.count * p.uncertainty_us) ** 2
         extrapolated |= p.extrapolated
-    return StepPrediction(total, math.sqrt(var), extrapolated, by_kind)
+    calibrated = False
+    if overhead:
+        from dooly.predict.overhead import OVERHEAD_SIG, overhead_point
+
+        model = predictor.model(OVERHEAD_SIG)
+        if model is not None:
+            p = model.predict(overhead_point(trace, batch))
+            by_kind["overhead"] = p.us
+            total += p.us
+            var += p.uncertainty_us ** 2
+            calibrated = True
+    return StepPrediction(total, math.sqrt(var), extrapolated, by_kind, calibrated)

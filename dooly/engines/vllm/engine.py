@@ -109,3 +109,49 @@ def time_engine_model(llm):
         del model.forward, model.compute_logits
         for h in hooks:
             h.remove()
+
+
+def record_engine_steps(llm, requests, vocab: int) -> list[tuple]:
+    """Run `requests` (RequestSpec, all added before the first step) through the real engine.
+
+    Returns one (Batch, wall seconds of `LLMEngine.step()`) per step that ran the model: the batch
+    is read from the engine's own scheduler output, the time covers scheduling, the model, sampling
+    and output processing, as a served step does.
+    """
+    import time
+
+    from vllm import SamplingParams
+
+    from dooly.profile.batches import Batch
+    from dooly.sim.core import prompt_ids
+
+    eng = llm.llm_engine
+    sched = eng.engine_core.engine_core.scheduler
+    schedule = sched.schedule
+    current: list = []
+
+    def recording(*args, **kwargs):
+        out = schedule(*args, **kwargs)
+        ids = list(out.num_scheduled_tokens)
+        q = [out.num_scheduled_tokens[r] for r in ids]
+        c = [sched.requests[r].num_computed_tokens - n for r, n in zip(ids, q)]
+        current.append(Batch(tuple(c), tuple(q)) if ids else None)
+        return out
+
+    sched.schedule = recording
+    steps = []
+    try:
+        for i, r in enumerate(requests):
+            sp = SamplingParams(max_tokens=r.output_tokens, min_tokens=r.output_tokens, ignore_eos=True,
+                                temperature=0)
+            eng.add_request(r.request_id, {"prompt_token_ids": prompt_ids(i, r.prompt_tokens, vocab)}, sp)
+        while eng.has_unfinished_requests():
+            current.clear()
+            t0 = time.perf_counter()
+            eng.step()
+            dt = time.perf_counter() - t0
+            if current and current[-1] is not None:
+                steps.append((current[-1], dt))
+    finally:
+        del sched.schedule
+    return steps
