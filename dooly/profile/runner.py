@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -132,7 +133,7 @@ def _estimate_point_s(text: str, values: dict) -> float:
         return 0.3
     sig = json.loads(text)
     shapes = [[evaluate(d, values) for d in a["t"]] for a in sig["args"] if "t" in a]
-    nbytes = sum(2 * _prod(s) for s in shapes)
+    nbytes = sum(2 * math.prod(s) for s in shapes)
     flops = 0
     if sig["op"] in ("_C::onednn_mm", "aten::mm", "aten::linear", "aten::addmm") and len(shapes) >= 2:
         m, n = shapes[0][0], shapes[0][-1]
@@ -140,13 +141,6 @@ def _estimate_point_s(text: str, values: dict) -> float:
         flops = 2 * m * n * k
     call = max(5e-6, flops / 4e10 + nbytes / 1e10)
     return max(0.2, 8 * call) + 0.02
-
-
-def _prod(xs):
-    out = 1
-    for x in xs:
-        out *= x
-    return out
 
 
 def _load_replay_rules(engine: str) -> None:

@@ -208,7 +208,6 @@ class StatefulProfiler:
         self.dtype = dtype
         self.limits = (max_num_batched_tokens, max_num_seqs)
         self.rigs: dict[tuple, AttentionRig] = {}
-        self.copy = 0
 
     def rig(self, model_config: dict, attrs: dict) -> AttentionRig:
         key = tuple(sorted((k, str(v)) for k, v in attrs.items()))
@@ -221,10 +220,6 @@ class StatefulProfiler:
             self.rigs[key] = AttentionRig(rig_config(model_config, attrs), self.dtype, attrs.get("backend"),
                                           max_num_seqs=max(seqs, 1) + 1, max_num_batched_tokens=tokens)
         return self.rigs[key]
-
-    def kv_token_budget(self, model_config: dict, attrs: dict) -> int:
-        rig = self.rig(model_config, attrs)
-        return (rig.num_blocks - 1) * rig.block_size
 
     def make_call(self, op: str, model_config: dict, attrs: dict, point: dict[str, int]):
         """A factory of fresh copies of the timed call; each copy uses its own KV blocks."""

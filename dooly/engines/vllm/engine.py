@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from dooly.engines.vllm.setup import write_model_dir
-from dooly.engines.vllm.tracer import _attention_attrs
+from dooly.engines.vllm.tracer import attention_describer
 from dooly.trace.recorder import record_ops
 
 
@@ -31,6 +31,16 @@ def model_runner(llm):
 
 
 @contextlib.contextmanager
+def _model_methods(model, forward, compute_logits):
+    """Run the engine's model through wrappers of forward / compute_logits inside the block only."""
+    model.forward, model.compute_logits = forward, compute_logits
+    try:
+        yield
+    finally:
+        del model.forward, model.compute_logits  # back to the class methods
+
+
+@contextlib.contextmanager
 def record_engine_model(llm):
     """Record every op the engine's model runs (forward + compute_logits) inside the block.
 
@@ -38,7 +48,7 @@ def record_engine_model(llm):
     """
     runner = model_runner(llm)
     model = runner.model
-    describe = _attention_attrs(runner.vllm_config)
+    describe = attention_describer(runner.vllm_config)
     steps: list[list] = []
     forward, logits = model.forward, model.compute_logits
 
@@ -54,11 +64,8 @@ def record_engine_model(llm):
         steps[-1] = steps[-1] + rec.ops
         return out
 
-    model.forward, model.compute_logits = rec_forward, rec_logits
-    try:
+    with _model_methods(model, rec_forward, rec_logits):
         yield steps
-    finally:
-        del model.forward, model.compute_logits  # back to the class methods
 
 
 @contextlib.contextmanager
@@ -102,11 +109,10 @@ def time_engine_model(llm):
         steps[-1]["forward_s"] += time.perf_counter() - t0
         return out
 
-    model.forward, model.compute_logits = timed_forward, timed_logits
     try:
-        yield steps
+        with _model_methods(model, timed_forward, timed_logits):
+            yield steps
     finally:
-        del model.forward, model.compute_logits
         for h in hooks:
             h.remove()
 

@@ -90,7 +90,7 @@ def _weights_without_data():
         ops.create_onednn_mm = saved
 
 
-def _attention_attrs(cfg):
+def attention_describer(cfg):
     from vllm.utils.torch_utils import LayerName
 
     ctx = cfg.compilation_config.static_forward_context
@@ -163,17 +163,17 @@ def run_trace(config: dict, tp: int = 1, dtype: str = "bfloat16", rank: int = 0,
         input_ids = fm.from_tensor(torch.zeros(n_tok, dtype=torch.int32), symbolic_context=dynamic)
         logits_idx = fm.from_tensor(torch.zeros(n_req, dtype=torch.int64), symbolic_context=dynamic)
         symbols = {input_ids.shape[0].node.expr: "num_tokens", logits_idx.shape[0].node.expr: "num_reqs"}
-        describe = _attention_attrs(cfg)
+        describe = attention_describer(cfg)
         with as_tp_rank(tp, rank), torch.inference_mode(), fm:
             positions = torch.arange(input_ids.shape[0])
             with set_forward_context(None, cfg, num_tokens=n_tok):
                 with record_ops(model, describe) as rec:
                     hidden = model(input_ids=input_ids, positions=positions)
-                    rec_pause = rec.ops[:]
+                    forward_ops = rec.ops[:]
                 sampled = hidden[logits_idx]  # the runner's indexing, outside the model
                 with record_ops(model, describe) as rec2:
                     model.compute_logits(sampled)
-        ops = rec_pause + rec2.ops
+        ops = forward_ops + rec2.ops
         guards = [str(g.expr) for g in shape_env.guards]
         specialized = [name for sym, name in symbols.items() if sym in shape_env.replacements]
         del model
