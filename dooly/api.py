@@ -54,7 +54,7 @@ def simulate(model: str, workload, *, db: str | None = None, dtype: str = "bfloa
     from dooly.db import LatencyDB
     from dooly.engines.vllm import version
     from dooly.engines.vllm.scheduler import VllmScheduler
-    from dooly.predict import Predictor, predict_step
+    from dooly.predict import Predictor, StepPredictor
     from dooly.profile import current_environment, default_threads
     from dooly.sim import simulate as run
     from dooly.sim.metrics import requests_frame, steps_frame, summary
@@ -64,14 +64,15 @@ def simulate(model: str, workload, *, db: str | None = None, dtype: str = "bfloa
         if value <= 0:
             raise DoolyError(f"{name} must be > 0, got {value}")
     spec = resolve(model)
-    trace = trace_model(spec, dtype=dtype)
+    trace = trace_model(spec, dtype=dtype, cache=True)
     env = current_environment("vllm", version(), dtype, threads or default_threads())
     predictor = Predictor(LatencyDB(db, create=False), env)
     sched = VllmScheduler(spec.config, dtype, num_blocks=num_gpu_blocks, max_num_batched_tokens=max_num_batched_tokens,
                           max_num_seqs=max_num_seqs, enable_prefix_caching=enable_prefix_caching,
                           enable_chunked_prefill=enable_chunked_prefill)
     requests = parse_workload(workload, sched.max_model_len)
-    results, steps = run(requests, sched, lambda batch: predict_step(trace, predictor, batch).us / 1e6,
+    step = StepPredictor(trace, predictor)
+    results, steps = run(requests, sched, lambda batch: step(batch).us / 1e6,
                          vocab=spec.config["vocab_size"])
     return SimulationResult(summary(results), requests_frame(results), steps_frame(steps))
 
@@ -103,7 +104,7 @@ def calibrate(db: str | None = None, models=CALIBRATION_MODELS, dtype: str = "bf
     database = LatencyDB(db)
     env = current_environment("vllm", version(), dtype, threads or default_threads())
     specs = [resolve(m) for m in models]
-    traces = [trace_model(s, dtype=dtype) for s in specs]
+    traces = [trace_model(s, dtype=dtype, cache=True) for s in specs]
     plan = plan_profile(traces, env, database.points(env.key), "reduced", Limits())
     run_profile(plan, database)
     workload = synthetic(16, prompt="uniform:8:600", output="uniform:4:48", arrivals="burst", seed=seed)

@@ -2,6 +2,6 @@
 
 from dooly.predict.models import Prediction
 from dooly.predict.predictor import Predictor
-from dooly.predict.step import StepPrediction, predict_step
+from dooly.predict.step import StepPrediction, StepPredictor, predict_step
 
-__all__ = ["Prediction", "Predictor", "StepPrediction", "predict_step"]
+__all__ = ["Prediction", "Predictor", "StepPrediction", "StepPredictor", "predict_step"]

@@ -144,6 +144,7 @@ class Linear:
         self.weights = np.asarray(weights, float)
         self.rel_rms = float(rel_rms)
         self._index = {json.dumps(p, sort_keys=True): i for i, p in enumerate(self.points)}
+        self._band0 = float(np.median(self.iqr) / 2) if len(self.iqr) else 0.0
 
     @property
     def variables(self) -> list[str]:
@@ -159,7 +160,7 @@ class Linear:
     def predict_features(self, features: list[float], extrapolated: bool) -> Prediction:
         """Prediction for a feature vector (e.g. `attention_work` of an arbitrary batch)."""
         y = float(np.dot(features, self.weights))
-        band = float(np.median(self.iqr) / 2 + self.rel_rms * y)
+        band = self._band0 + self.rel_rms * y
         return Prediction(max(y, 0.0), band * (2 if extrapolated else 1), extrapolated, False)
 
     def to_json(self) -> dict:

@@ -20,6 +20,7 @@ class Predictor:
         self.env = env
         self.env_key = db.require_environment(env)
         self._models: dict[str, object] = {}
+        self._att: dict[str, tuple] = {}
 
     def model(self, signature: str):
         """The regressor for `signature`, or None when the database has no point of it."""
@@ -50,15 +51,24 @@ class Predictor:
         m = self._require(signature, model_name, op)
         if not isinstance(m, Linear) or m.features != "attention":
             return m.predict({"num_tokens": batch.num_tokens})
-        from dooly.profile.batches import batch_of
-
-        for i, p in enumerate(m.points):  # a measured composition: the measurement itself
-            if batch_of(p) == batch:
-                return Prediction(float(m.ys[i]), float(m.iqr[i] / 2), False, True)
+        index, top = self._attention_index(signature, m)
+        i = index.get(batch)
+        if i is not None:  # a measured composition: the measurement itself
+            return Prediction(float(m.ys[i]), float(m.iqr[i] / 2), False, True)
         work = attention_work(batch)
-        known = [attention_work(batch_of(p)) for p in m.points]
-        out = any(w > max(k[j] for k in known) for j, w in enumerate(work))
-        return m.predict_features(work, out)
+        return m.predict_features(work, any(w > t for w, t in zip(work, top)))
+
+    def _attention_index(self, signature: str, m: Linear):
+        """Measured batch -> point index, and the largest measured value of each work feature."""
+        hit = self._att.get(signature)
+        if hit is None:
+            from dooly.profile.batches import batch_of
+
+            batches = [batch_of(p) for p in m.points]
+            works = [attention_work(b) for b in batches]
+            hit = ({b: i for i, b in enumerate(batches)}, [max(col) for col in zip(*works)])
+            self._att[signature] = hit
+        return hit
 
     def _require(self, signature: str, model_name: str, op: str):
         m = self.model(signature)

@@ -3,6 +3,10 @@
     step latency = sum over the trace's ops of count x predicted latency
                    (stateless: at num_tokens / num_reqs; attention: at the step's batch composition;
                     KV-cache write: at num_tokens; metadata-only ops: 0)
+                 + the engine's calibrated per-step overhead (when the environment has one)
+
+`StepPredictor` resolves every op group's regressor once, then memoises the part that depends only
+on (num_tokens, num_reqs), so a simulation pays per step for the attention terms alone.
 """
 
 from __future__ import annotations
@@ -26,35 +30,68 @@ class StepPrediction:
     calibrated: bool = False  # the environment's per-step overhead was known and included
 
 
-def predict_step(trace: Trace, predictor: Predictor, batch: Batch, overhead: bool = True) -> StepPrediction:
-    if trace.engine != "vllm":
-        raise DoolyError(f"step prediction needs a vLLM trace (one op list per step), got {trace.engine}")
-    values = {"num_tokens": batch.num_tokens, "num_reqs": len(batch.query_lens)}
-    total, var, extrapolated = 0.0, 0.0, False
-    by_kind = {STATELESS: 0.0, STATEFUL: 0.0}
-    for g in trace.groups():
-        kind = classify(g.op, g.attrs)
-        if kind == FREE:
-            continue
-        if kind == COLLECTIVE:
-            raise DoolyError(f"{g.op} is a collective; collectives are not profiled yet (tensor parallelism)")
-        if kind == STATEFUL and g.op.endswith("attention_with_output"):
-            p = predictor.attention(g.signature, batch, model_name=trace.model, op=g.op)
-        else:
-            p = predictor.latency(g.signature, values, model_name=trace.model, op=g.op)
-        total += g.count * p.us
-        by_kind[kind] += g.count * p.us
-        var += (g.count * p.uncertainty_us) ** 2
-        extrapolated |= p.extrapolated
-    calibrated = False
-    if overhead:
-        from dooly.predict.overhead import OVERHEAD_SIG, overhead_point
+class StepPredictor:
+    """Step latency of one traced model from one predictor, for any batch."""
 
-        model = predictor.model(OVERHEAD_SIG)
-        if model is not None:
-            p = model.predict(overhead_point(trace, batch))
+    def __init__(self, trace: Trace, predictor: Predictor, overhead: bool = True):
+        if trace.engine != "vllm":
+            raise DoolyError(f"step prediction needs a vLLM trace (one op list per step), got {trace.engine}")
+        self.trace, self.predictor = trace, predictor
+        self._by_counts: list = []  # (count, kind, signature, op) of ops that depend on the counts only
+        self._attention: list = []  # (count, signature, op) of attention ops (depend on the batch)
+        for g in trace.groups():
+            kind = classify(g.op, g.attrs)
+            if kind == FREE:
+                continue
+            if kind == COLLECTIVE:
+                raise DoolyError(f"{g.op} is a collective; collectives are not profiled yet (tensor parallelism)")
+            if kind == STATEFUL and g.op.endswith("attention_with_output"):
+                self._attention.append((g.count, g.signature, g.op))
+            else:
+                self._by_counts.append((g.count, kind, g.signature, g.op))
+            predictor._require(g.signature, trace.model, g.op)  # a missing signature fails here, once
+        self._overhead = None
+        if overhead:
+            from dooly.predict.overhead import OVERHEAD_SIG
+
+            self._overhead = predictor.model(OVERHEAD_SIG)
+        self._memo: dict[tuple[int, int], tuple] = {}
+
+    def _counts_part(self, num_tokens: int, num_reqs: int, batch: Batch) -> tuple:
+        key = (num_tokens, num_reqs)
+        hit = self._memo.get(key)
+        if hit is not None:
+            return hit
+        values = {"num_tokens": num_tokens, "num_reqs": num_reqs}
+        by_kind = {STATELESS: 0.0, STATEFUL: 0.0}
+        var, extrapolated = 0.0, False
+        for count, kind, sig, op in self._by_counts:
+            p = self.predictor.latency(sig, values, model_name=self.trace.model, op=op)
+            by_kind[kind] += count * p.us
+            var += (count * p.uncertainty_us) ** 2
+            extrapolated |= p.extrapolated
+        if self._overhead is not None:
+            from dooly.predict.overhead import overhead_point
+
+            p = self._overhead.predict(overhead_point(self.trace, batch))
             by_kind["overhead"] = p.us
-            total += p.us
             var += p.uncertainty_us ** 2
-            calibrated = True
-    return StepPrediction(total, math.sqrt(var), extrapolated, by_kind, calibrated)
+        out = (by_kind, var, extrapolated)
+        self._memo[key] = out
+        return out
+
+    def __call__(self, batch: Batch) -> StepPrediction:
+        by_kind, var, extrapolated = self._counts_part(batch.num_tokens, len(batch.query_lens), batch)
+        by_kind = dict(by_kind)
+        for count, sig, op in self._attention:
+            p = self.predictor.attention(sig, batch, model_name=self.trace.model, op=op)
+            by_kind[STATEFUL] += count * p.us
+            var += (count * p.uncertainty_us) ** 2
+            extrapolated |= p.extrapolated
+        return StepPrediction(sum(by_kind.values()), math.sqrt(var), extrapolated, by_kind,
+                              self._overhead is not None)
+
+
+def predict_step(trace: Trace, predictor: Predictor, batch: Batch, overhead: bool = True) -> StepPrediction:
+    """One step's prediction (build a `StepPredictor` once to predict many steps)."""
+    return StepPredictor(trace, predictor, overhead)(batch)

@@ -26,7 +26,11 @@ def steps_frame(steps: list[StepResult]) -> pd.DataFrame:
         "num_reqs": len(s.req_ids), "num_tokens": s.batch.num_tokens,
         "prefill_tokens": sum(q for q in s.batch.query_lens if q > 1),
         "decode_reqs": sum(1 for q in s.batch.query_lens if q == 1),
-        "preempted": len(s.preempted)} for s in steps])
+        "preempted": len(s.preempted),
+        # the exact composition, in batch order (space-separated: CSV-friendly)
+        "req_ids": " ".join(map(str, s.req_ids)),
+        "context_lens": " ".join(map(str, s.batch.context_lens)),
+        "query_lens": " ".join(map(str, s.batch.query_lens))} for s in steps])
 
 
 def summary(results: list[RequestResult]) -> pd.DataFrame:

@@ -205,8 +205,12 @@ def signature_id(text: str) -> str:
 
 
 def trace_model(spec: ModelSpec, engine: str = "vllm", tp: int = 1, dtype: str = "bfloat16",
-                hints: tuple[int, int] | None = None, attention_backend: str | None = None) -> Trace:
-    """Trace one step of `spec` on `engine` and label every dimension of every op by its origin."""
+                hints: tuple[int, int] | None = None, attention_backend: str | None = None,
+                cache: bool = False) -> Trace:
+    """Trace one step of `spec` on `engine` and label every dimension of every op by its origin.
+
+    `cache=True` reads and fills the disk cache (dooly.trace.cache) keyed on everything a trace
+    depends on, for stages that only consume traces."""
     if dtype not in DTYPES:
         raise DoolyError(f"unknown dtype {dtype!r}; dtypes: {', '.join(DTYPES)}")
     if not isinstance(tp, int) or tp < 1:
@@ -223,6 +227,16 @@ def trace_model(spec: ModelSpec, engine: str = "vllm", tp: int = 1, dtype: str =
             raise DoolyError(f"attention backend {attention_backend!r} is not offered by {engine} here; "
                              f"available: {', '.join(available)}")
         kwargs["attention_backend"] = attention_backend
+    if cache:
+        from dooly.trace import cache as trace_cache
+
+        key = trace_cache.cache_key(spec.config, engine, eng.version(), tp, dtype, attention_backend, hints)
+        hit = trace_cache.get(key)
+        if hit is not None:
+            return dataclasses.replace(hit, model=spec.name)
+        trace = trace_model(spec, engine, tp, dtype, hints, attention_backend)
+        trace_cache.put(key, trace)
+        return trace
     start = time.perf_counter()
     real = eng.run_trace(spec.config, tp=tp, dtype=dtype, **kwargs)
     if real.specialized:
