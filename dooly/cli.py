@@ -334,6 +334,78 @@ def calibrate(
 
 
 @app.command()
+def validate(
+    model: str = typer.Argument(..., help="HF id from the catalog, or a path to config.json / its folder"),
+    workload: list[str] = typer.Option(..., help="a workload file or synthetic spec (as for simulate); repeatable"),
+    db: Optional[str] = typer.Option(None, "--db", help=_DB_HELP),
+    dtype: str = typer.Option("bfloat16"),
+    max_num_batched_tokens: int = typer.Option(4096),
+    max_num_seqs: int = typer.Option(256),
+    enable_prefix_caching: bool = typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching"),
+    enable_chunked_prefill: bool = typer.Option(True, "--enable-chunked-prefill/--no-enable-chunked-prefill"),
+    repeats: int = typer.Option(3, help="engine runs per workload (after one warm-up); their spread is shown"),
+    out: Optional[str] = typer.Option(None, help="folder for the raw measured and predicted data and plots"),
+    as_json: bool = typer.Option(False, "--json", help="print the headline errors as JSON"),
+) -> None:
+    """Run the real engine and the simulator on the same workload; print measured vs predicted."""
+    from dooly.validate import validate as run
+
+    try:
+        results = run(model, workload, db=db, dtype=dtype, repeats=repeats,
+                      max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+                      enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill,
+                      progress=lambda msg: err.print(f"[dim]{escape(msg)}[/dim]"))
+    except DoolyError as e:
+        _fail(e)
+    if out:
+        _write_validation(results, out)
+    if as_json:
+        sys.stdout.write(json.dumps([{"workload": v.workload, **v.headline()} for v in results]) + "\n")
+        return
+    for v in results:
+        table = Table("metric", "stat", "measured", "run spread", "predicted", "error",
+                      title=f"{model}: {v.workload} ({len(v.measured)} engine runs)")
+        for _, r in v.metrics.iterrows():
+            table.add_row(r["metric"].removesuffix("_s"), r["stat"], f"{1e3 * r['measured']:.2f} ms",
+                          f"{100 * r['spread']:.1f}%", f"{1e3 * r['predicted']:.2f} ms", f"{100 * r['ape']:.1f}%")
+        console.print(table)
+        pr = v.per_request
+        console.print(f"per-request MAPE: TTFT {100 * pr['ttft']:.1f}%  TPOT {100 * pr['tpot']:.1f}%  "
+                      f"E2E {100 * pr['e2e']:.1f}% | batch composition match {100 * v.match_rate:.0f}% of steps")
+        steps = Table("step type", "steps", "measured ms", "predicted ms", "MAPE", "mean signed error",
+                      "predicted: stateless / attention / overhead ms")
+        for _, r in v.step_types.iterrows():
+            split = " / ".join(f"{r.get(k, 0):.2f}" for k in ("stateless_ms", "stateful_ms", "overhead_ms"))
+            steps.add_row(r["type"], str(r["steps"]), f"{r['measured_ms']:.2f}", f"{r['predicted_ms']:.2f}",
+                          f"{100 * r['mape']:.1f}%", f"{100 * r['mean_signed_err']:+.1f}%", split)
+        console.print(steps)
+    if out:
+        console.print(f"wrote {out}/")
+
+
+def _write_validation(results, out: str) -> None:
+    from pathlib import Path
+
+    from dooly.validate.plots import write_plot
+
+    root = Path(out)
+    for i, v in enumerate(results):
+        folder = root / f"workload{i}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "workload.txt").write_text(v.workload + "\n")
+        v.metrics.to_csv(folder / "metrics.csv", index=False)
+        v.steps.to_csv(folder / "steps_measured_vs_predicted.csv", index=False)
+        v.step_types.to_csv(folder / "step_types.csv", index=False)
+        for k, (reqs, steps) in enumerate(v.measured):
+            reqs.to_csv(folder / f"requests_measured_run{k}.csv", index=False)
+            steps.to_csv(folder / f"steps_measured_run{k}.csv", index=False)
+        v.predicted.requests.to_csv(folder / "requests_predicted.csv", index=False)
+        v.predicted.steps.to_csv(folder / "steps_predicted.csv", index=False)
+        (folder / "headline.json").write_text(json.dumps(v.headline(), indent=1) + "\n")
+        write_plot(v, folder / "predicted_vs_measured.png")
+
+
+@app.command()
 def quickstart(
     model: str = typer.Option("dooly/tiny-llama", help="model whose step is traced and shown"),
     suite: str = typer.Option("7b", help="catalog suite whose cross-model sharing is shown"),

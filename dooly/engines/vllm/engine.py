@@ -117,6 +117,43 @@ def time_engine_model(llm):
             h.remove()
 
 
+@contextlib.contextmanager
+def scheduled_steps(llm):
+    """Inside the block, every `schedule()` of the engine's own scheduler appends what it scheduled
+    to the yielded list: (req_ids, Batch, preempted ids), or None for an empty step. Ids are the
+    caller's: the engine's internal ids carry a suffix `-<8 hex chars>` (its input processor adds it)."""
+    from dooly.profile.batches import Batch
+
+    sched = llm.llm_engine.engine_core.engine_core.scheduler
+    schedule = sched.schedule
+    seen: list = []
+
+    def recording(*args, **kwargs):
+        out = schedule(*args, **kwargs)
+        ids = list(out.num_scheduled_tokens)
+        q = [out.num_scheduled_tokens[r] for r in ids]
+        c = [sched.requests[r].num_computed_tokens - n for r, n in zip(ids, q)]
+        ext = [r.rsplit("-", 1)[0] for r in ids]
+        pre = sorted(r.rsplit("-", 1)[0] for r in out.preempted_req_ids or ())
+        seen.append((ext, Batch(tuple(c), tuple(q)), pre) if ids else None)
+        return out
+
+    sched.schedule = recording
+    try:
+        yield seen
+    finally:
+        del sched.schedule
+
+
+def _add(eng, index: int, r, vocab: int) -> None:
+    from vllm import SamplingParams
+
+    from dooly.sim.core import prompt_ids
+
+    sp = SamplingParams(max_tokens=r.output_tokens, min_tokens=r.output_tokens, ignore_eos=True, temperature=0)
+    eng.add_request(r.request_id, {"prompt_token_ids": prompt_ids(index, r.prompt_tokens, vocab)}, sp)
+
+
 def record_engine_steps(llm, requests, vocab: int) -> list[tuple]:
     """Run `requests` (RequestSpec, all added before the first step) through the real engine.
 
@@ -126,38 +163,61 @@ def record_engine_steps(llm, requests, vocab: int) -> list[tuple]:
     """
     import time
 
-    from vllm import SamplingParams
-
-    from dooly.profile.batches import Batch
-    from dooly.sim.core import prompt_ids
-
     eng = llm.llm_engine
-    sched = eng.engine_core.engine_core.scheduler
-    schedule = sched.schedule
-    current: list = []
-
-    def recording(*args, **kwargs):
-        out = schedule(*args, **kwargs)
-        ids = list(out.num_scheduled_tokens)
-        q = [out.num_scheduled_tokens[r] for r in ids]
-        c = [sched.requests[r].num_computed_tokens - n for r, n in zip(ids, q)]
-        current.append(Batch(tuple(c), tuple(q)) if ids else None)
-        return out
-
-    sched.schedule = recording
     steps = []
-    try:
+    with scheduled_steps(llm) as seen:
         for i, r in enumerate(requests):
-            sp = SamplingParams(max_tokens=r.output_tokens, min_tokens=r.output_tokens, ignore_eos=True,
-                                temperature=0)
-            eng.add_request(r.request_id, {"prompt_token_ids": prompt_ids(i, r.prompt_tokens, vocab)}, sp)
+            _add(eng, i, r, vocab)
         while eng.has_unfinished_requests():
-            current.clear()
+            seen.clear()
             t0 = time.perf_counter()
             eng.step()
             dt = time.perf_counter() - t0
-            if current and current[-1] is not None:
-                steps.append((current[-1], dt))
-    finally:
-        del sched.schedule
+            if seen and seen[-1] is not None:
+                steps.append((seen[-1][1], dt))
     return steps
+
+
+def serve(llm, requests, vocab: int):
+    """Serve `requests` (RequestSpec) on the real engine with their arrival times honoured.
+
+    The offline engine is driven step by step on the wall clock: a request is added once its
+    arrival time has passed (so, like a served engine, it joins at the next step), the loop sleeps
+    while idle. Returns (RequestResult per request in input order, StepResult per model step), both
+    in seconds from the start, the same records the simulator produces; prompts are the simulator's
+    token ids (`dooly.sim.core.prompt_ids`), so prefix-cache behaviour is the same.
+    """
+    import time
+
+    from dooly.sim.core import RequestResult, StepResult
+
+    eng = llm.llm_engine
+    if eng.has_unfinished_requests():
+        raise RuntimeError("the engine still holds requests")
+    order = sorted(range(len(requests)), key=lambda i: (requests[i].arrival_s, i))
+    results = {r.request_id: RequestResult(r.request_id, r.arrival_s, r.prompt_tokens, r.output_tokens)
+               for r in requests}
+    steps = []
+    k = 0
+    with scheduled_steps(llm) as seen:
+        t0 = time.perf_counter()
+        while k < len(order) or eng.has_unfinished_requests():
+            now = time.perf_counter() - t0
+            while k < len(order) and requests[order[k]].arrival_s <= now:
+                _add(eng, order[k], requests[order[k]], vocab)
+                k += 1
+            if not eng.has_unfinished_requests():
+                time.sleep(max(0.0, requests[order[k]].arrival_s - now))
+                continue
+            seen.clear()
+            start = time.perf_counter() - t0
+            outputs = eng.step()
+            end = time.perf_counter() - t0
+            for o in outputs:
+                res = results[o.request_id]
+                new = len(o.outputs[0].token_ids) - len(res.token_times)  # cumulative outputs
+                res.token_times.extend([end] * new)
+            if seen and seen[-1] is not None:
+                ids, batch, preempted = seen[-1]
+                steps.append(StepResult(start, end, ids, batch, preempted))
+    return [results[r.request_id] for r in requests], steps

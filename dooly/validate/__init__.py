@@ -1,0 +1,5 @@
+"""Validate stage: the real engine and the simulator on the same workload, compared."""
+
+from dooly.validate.core import WorkloadValidation, compare, validate
+
+__all__ = ["WorkloadValidation", "compare", "validate"]

@@ -1,0 +1,172 @@
+"""`dooly validate`: serve a workload on the real engine and simulate it, then compare.
+
+Ground truth: the in-process vLLM engine (`dooly.engines.vllm.engine.serve`), arrival times
+honoured on the wall clock, fixed output lengths, random weights, the engine's own thread set-up.
+Hygiene: one warm-up workload per engine start (excluded), the prefix cache reset before every run
+(each run starts as cold as the simulator does), `repeats` runs whose spread is reported next to
+every figure, so a model error can be told from machine noise.
+
+Comparison, per workload:
+- metrics: TTFT / TPOT / ITL / E2E mean, p50, p90, p99 — measured (median over runs), run-to-run
+  spread ((max - min) / median), predicted, absolute percentage error;
+- per-request MAPE of TTFT, TPOT and E2E (request i simulated vs request i measured, mean over runs);
+- steps: each measured step's latency vs the prediction for *the batch the engine really ran*
+  (so scheduling differences do not hide in it), by step type (prefill / decode / mixed), with the
+  predicted split into stateless ops, attention and overhead — where the error lives;
+- batch composition: the share of steps, index by index, where the simulator scheduled exactly the
+  requests and token counts the engine did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from dooly.errors import DoolyError
+from dooly.sim.metrics import requests_frame, steps_frame, summary
+
+LATENCY_METRICS = ("ttft_s", "tpot_s", "itl_s", "e2e_s")
+STATS = ("mean", "p50", "p90", "p99")
+WARMUP = "n=8,prompt=uniform:16:300,output=uniform:4:24,arrivals=burst,seed=123"
+
+
+@dataclass
+class WorkloadValidation:
+    workload: str
+    metrics: pd.DataFrame  # metric, stat, measured, spread, predicted, ape
+    per_request: dict  # ttft / tpot / e2e -> MAPE (fraction)
+    steps: pd.DataFrame  # measured steps of every run: run, type, measured_s, predicted_s, by kind
+    step_types: pd.DataFrame  # per step type: steps, MAPE, mean signed error, predicted split
+    match_rate: float  # share of steps with the same composition in the simulator and the engine
+    measured: list = field(default_factory=list)  # per run: (requests frame, steps frame)
+    predicted: object = None  # dooly.api.SimulationResult
+
+    def headline(self) -> dict:
+        m = self.metrics.set_index(["metric", "stat"])
+        return {
+            "ttft_mape": self.per_request["ttft"], "tpot_mape": self.per_request["tpot"],
+            "p99_ttft_err": float(m.loc[("ttft_s", "p99"), "ape"]),
+            "step_mape": float(np.mean(np.abs(self.steps["err"]))) if len(self.steps) else float("nan"),
+            "match_rate": self.match_rate,
+            "spread_ttft": float(m.loc[("ttft_s", "mean"), "spread"]),
+            "spread_tpot": float(m.loc[("tpot_s", "mean"), "spread"]),
+        }
+
+
+def step_type(query_lens) -> str:
+    pre = any(q > 1 for q in query_lens)
+    dec = any(q == 1 for q in query_lens)
+    return "mixed" if pre and dec else ("prefill" if pre else "decode")
+
+
+def _ape(pred: float, meas: float) -> float:
+    return abs(pred - meas) / meas if meas and meas == meas else float("nan")
+
+
+def compare(workload: str, runs: list, predicted, step_predictor) -> WorkloadValidation:
+    """`runs`: per measured run (RequestResult list, StepResult list); `predicted`: SimulationResult."""
+    summaries = [summary(reqs).set_index("metric") for reqs, _ in runs]
+    psum = predicted.summary.set_index("metric")
+    rows = []
+    for metric in LATENCY_METRICS:
+        for stat in STATS:
+            vals = np.array([s.loc[metric, stat] for s in summaries], float)
+            med = float(np.median(vals))
+            spread = float((vals.max() - vals.min()) / med) if med else float("nan")
+            p = float(psum.loc[metric, stat])
+            rows.append({"metric": metric, "stat": stat, "measured": med, "spread": spread, "predicted": p,
+                         "ape": _ape(p, med)})
+    metrics = pd.DataFrame(rows)
+
+    pred_req = predicted.requests.set_index("request_id")
+    per_request = {}
+    for name in ("ttft", "tpot", "e2e"):
+        errs = []
+        for reqs, _ in runs:
+            meas = requests_frame(reqs).set_index("request_id")[f"{name}_s"]
+            p = pred_req[f"{name}_s"].reindex(meas.index)
+            ok = meas.notna() & p.notna() & (meas > 0)
+            errs.append(float((np.abs(p[ok] - meas[ok]) / meas[ok]).mean()) if ok.any() else float("nan"))
+        per_request[name] = float(np.nanmean(errs)) if not all(e != e for e in errs) else float("nan")
+
+    step_rows, matches = [], []
+    pred_steps = predicted.steps
+    for k, (_, steps) in enumerate(runs):
+        for s in steps:
+            p = step_predictor(s.batch)
+            meas = s.end_s - s.start_s
+            step_rows.append({"run": k, "type": step_type(s.batch.query_lens), "num_reqs": len(s.req_ids),
+                              "num_tokens": s.batch.num_tokens, "measured_s": meas, "predicted_s": p.us / 1e6,
+                              "err": (p.us / 1e6 - meas) / meas,
+                              **{f"pred_{kind}_s": us / 1e6 for kind, us in p.by_kind.items()}})
+        mf = steps_frame(steps)
+        n = max(len(mf), len(pred_steps))
+        cols = ["req_ids", "context_lens", "query_lens"]
+        same = sum(1 for i in range(min(len(mf), len(pred_steps)))
+                   if all(mf.iloc[i][c] == pred_steps.iloc[i][c] for c in cols))
+        matches.append(same / n if n else 1.0)
+    st = pd.DataFrame(step_rows)
+    types = []
+    if len(st):
+        for t, g in st.groupby("type"):
+            row = {"type": t, "steps": len(g), "mape": float(g["err"].abs().mean()),
+                   "mean_signed_err": float(g["err"].mean()), "measured_ms": 1e3 * float(g["measured_s"].mean()),
+                   "predicted_ms": 1e3 * float(g["predicted_s"].mean())}
+            for c in g.columns:
+                if c.startswith("pred_") and c != "predicted_s":
+                    row[c.removeprefix("pred_").removesuffix("_s") + "_ms"] = 1e3 * float(g[c].mean())
+            types.append(row)
+    return WorkloadValidation(workload, metrics, per_request, st, pd.DataFrame(types), float(np.mean(matches)),
+                              [(requests_frame(r), steps_frame(s)) for r, s in runs], predicted)
+
+
+def validate(model: str, workloads: list[str], *, db: str | None = None, dtype: str = "bfloat16", repeats: int = 3,
+             max_num_batched_tokens: int = 4096, max_num_seqs: int = 256, enable_prefix_caching: bool = True,
+             enable_chunked_prefill: bool = True, kv_cache_gib: int = 1, threads: int | None = None,
+             progress=None) -> list[WorkloadValidation]:
+    """Serve each workload `repeats` times on the real engine and simulate it; compare (see module doc)."""
+    from dooly.api import parse_workload, simulate
+    from dooly.catalog import resolve
+    from dooly.db import LatencyDB
+    from dooly.engines.vllm import version
+    from dooly.engines.vllm.engine import serve, start_engine
+    from dooly.predict import Predictor, StepPredictor
+    from dooly.profile import current_environment, default_threads
+    from dooly.trace import trace_model
+
+    if repeats < 1:
+        raise DoolyError(f"repeats must be >= 1, got {repeats}")
+    for name, value in (("max_num_batched_tokens", max_num_batched_tokens), ("max_num_seqs", max_num_seqs)):
+        if value <= 0:
+            raise DoolyError(f"{name} must be > 0, got {value}")
+    spec = resolve(model)
+    trace = trace_model(spec, dtype=dtype, cache=True)
+    env = current_environment("vllm", version(), dtype, threads or default_threads())
+    step = StepPredictor(trace, Predictor(LatencyDB(db, create=False), env))  # fails now if data is missing
+    vocab = spec.config["vocab_size"]
+    max_len = spec.config.get("max_position_embeddings")
+    parsed = [parse_workload(w, max_len) for w in workloads]  # bad workloads fail before the engine starts
+    say = progress or (lambda msg: None)
+    say(f"starting the engine for {spec.name}")
+    options = dict(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+                   enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill)
+    llm = start_engine(spec.config, dtype=dtype, kv_cache_gib=kv_cache_gib, **options)
+    try:
+        num_blocks = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
+        serve(llm, parse_workload(WARMUP), vocab)
+        out = []
+        for text, requests in zip(workloads, parsed):
+            runs = []
+            for k in range(repeats):
+                llm.reset_prefix_cache()
+                say(f"{spec.name}: {text}: engine run {k + 1}/{repeats}")
+                runs.append(serve(llm, requests, vocab))
+            say(f"{spec.name}: {text}: simulating")
+            predicted = simulate(model, requests, db=db, dtype=dtype, num_gpu_blocks=num_blocks, threads=threads,
+                                 **options)
+            out.append(compare(text, runs, predicted, step))
+        return out
+    finally:
+        del llm
