@@ -125,8 +125,11 @@ def compare(workload: str, runs: list, predicted, step_predictor) -> WorkloadVal
 def validate(model: str, workloads: list[str], *, db: str | None = None, dtype: str = "bfloat16", repeats: int = 3,
              max_num_batched_tokens: int = 4096, max_num_seqs: int = 256, enable_prefix_caching: bool = True,
              enable_chunked_prefill: bool = True, kv_cache_gib: int = 1, threads: int | None = None,
-             progress=None) -> list[WorkloadValidation]:
-    """Serve each workload `repeats` times on the real engine and simulate it; compare (see module doc)."""
+             progress=None, llm=None) -> list[WorkloadValidation]:
+    """Serve each workload `repeats` times on the real engine and simulate it; compare (see module doc).
+
+    `llm`: an already started engine of this model (`start_engine`) to reuse; the simulator then
+    takes the engine's effective limits from it, whatever the options say."""
     from dooly.api import parse_workload, simulate
     from dooly.catalog import resolve
     from dooly.db import LatencyDB
@@ -149,12 +152,20 @@ def validate(model: str, workloads: list[str], *, db: str | None = None, dtype: 
     max_len = spec.config.get("max_position_embeddings")
     parsed = [parse_workload(w, max_len) for w in workloads]  # bad workloads fail before the engine starts
     say = progress or (lambda msg: None)
-    say(f"starting the engine for {spec.name}")
     options = dict(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                    enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill)
-    llm = start_engine(spec.config, dtype=dtype, kv_cache_gib=kv_cache_gib, **options)
+    own = llm is None
+    if own:
+        say(f"starting the engine for {spec.name}")
+        llm = start_engine(spec.config, dtype=dtype, kv_cache_gib=kv_cache_gib, **options)
     try:
-        num_blocks = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
+        cfg = llm.llm_engine.vllm_config
+        sc = cfg.scheduler_config
+        options = dict(max_num_batched_tokens=sc.max_num_batched_tokens, max_num_seqs=sc.max_num_seqs,
+                       enable_prefix_caching=bool(cfg.cache_config.enable_prefix_caching),
+                       enable_chunked_prefill=bool(sc.enable_chunked_prefill))
+        num_blocks = cfg.cache_config.num_gpu_blocks
+        llm.reset_prefix_cache()
         serve(llm, parse_workload(WARMUP), vocab)
         out = []
         for text, requests in zip(workloads, parsed):
@@ -169,4 +180,5 @@ def validate(model: str, workloads: list[str], *, db: str | None = None, dtype: 
             out.append(compare(text, runs, predicted, step))
         return out
     finally:
-        del llm
+        if own:
+            del llm

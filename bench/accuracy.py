@@ -1,0 +1,97 @@
+"""Accuracy of dooly against the real engine: `dooly validate` over models x workloads, one table.
+
+Models (different architectures, small enough for this CPU): dense Llama, Qwen2 (qkv bias), Mistral
+with a sliding window, Mixtral-style MoE. Workloads: one request; 8 concurrent requests; Poisson
+arrivals with mixed prompt/output lengths at a rate that queues. Every model is profiled (reduced
+grid) into one fresh database, the engine's per-step overhead is calibrated once (`dooly calibrate`,
+on dooly/tiny-llama and dooly/tiny-llama-deep: tiny-llama is in-sample for the overhead, the others
+are not), then each model's engine is started once and every workload is served `--repeats` times
+after a warm-up. Printed per model x workload: per-request TTFT and TPOT MAPE, P99 TTFT error,
+step-latency MAPE (each measured step vs the prediction for the batch the engine ran), batch
+composition match, and the run-to-run spread of mean TTFT / TPOT; then the per-step residuals by
+step type, with the predicted split, so the part that carries an error is visible.
+Run: .venv/bin/python bench/accuracy.py [--models a,b] [--repeats 3] [--db URL] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+MODELS = ("dooly/tiny-llama", "dooly/tiny-qwen2", "dooly/tiny-mistral-sw", "dooly/tiny-mixtral")
+WORKLOADS = {
+    "single": "n=1,prompt=512,output=64,arrivals=burst,seed=0",
+    "8-concurrent": "n=8,prompt=uniform:64:512,output=64,arrivals=burst,seed=1",
+    "poisson-queued": "n=40,prompt=uniform:32:768,output=uniform:16:96,arrivals=poisson:8,seed=2",
+}
+
+
+def dooly(*args: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "dooly.cli", *args], capture_output=True, text=True)
+    if r.returncode:
+        sys.exit(f"dooly {' '.join(args)} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--db", default=None, help="reuse a profiled database (default: a fresh temporary one)")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    import pandas as pd
+
+    from dooly.validate import validate
+
+    pd.set_option("display.width", 250)
+    pd.set_option("display.max_columns", 30)
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    print(f"machine: {platform.node()} | {cpu} | {os.cpu_count()} cores | OMP threads "
+          f"{os.environ['OMP_NUM_THREADS']} | repeats {a.repeats}")
+    models = [m for m in a.models.split(",") if m]
+    with tempfile.TemporaryDirectory() as tmp:
+        url = a.db or f"sqlite:///{tmp}/latency.db"
+        t0 = time.perf_counter()
+        for m in models:
+            dooly("profile", m, "--grid", "reduced", "--db", url)
+        dooly("calibrate", "--db", url)
+        print(f"profiled {len(models)} models and calibrated the overhead in {time.perf_counter() - t0:.0f} s")
+        rows, residuals = [], []
+        for m in models:
+            results = validate(m, list(WORKLOADS.values()), db=url, repeats=a.repeats,
+                               progress=lambda msg: print(f"  .. {msg}", file=sys.stderr))
+            for name, v in zip(WORKLOADS, results):
+                h = v.headline()
+                rows.append({"model": m, "workload": name, "TTFT MAPE %": 100 * h["ttft_mape"],
+                             "TPOT MAPE %": 100 * h["tpot_mape"], "P99 TTFT err %": 100 * h["p99_ttft_err"],
+                             "step MAPE %": 100 * h["step_mape"], "batch match %": 100 * h["match_rate"],
+                             "spread TTFT %": 100 * h["spread_ttft"], "spread TPOT %": 100 * h["spread_tpot"]})
+                for _, r in v.step_types.iterrows():
+                    residuals.append({"model": m, "workload": name, **r.to_dict()})
+                if a.out:
+                    from dooly.cli import _write_validation
+
+                    _write_validation([v], os.path.join(a.out, m.replace("/", "__"), name))
+    table = pd.DataFrame(rows)
+    print("\naccuracy vs the real engine (per-request MAPE; spread = (max - min) / median over runs)")
+    print(table.round(1).to_string(index=False))
+    worst = table[["TTFT MAPE %", "TPOT MAPE %"]].max()
+    print(f"\nworst TTFT MAPE {worst['TTFT MAPE %']:.1f}% | worst TPOT MAPE {worst['TPOT MAPE %']:.1f}% "
+          f"| target <= 5% everywhere: {'met' if worst.max() <= 5 else 'missed'}")
+    print("\nper-step residuals by step type (signed error = (predicted - measured) / measured; "
+          "predicted split in ms)")
+    res = pd.DataFrame(residuals)
+    cols = [c for c in ("model", "workload", "type", "steps", "measured_ms", "predicted_ms", "mape",
+                        "mean_signed_err", "stateless_ms", "stateful_ms", "overhead_ms") if c in res]
+    print(res[cols].round(3).to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""`dooly validate` on the real engine (the session's tiny-Llama engine) and the profiled database."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+BURST = "n=3,prompt=uniform:20:120,output=6,arrivals=burst,seed=4"
+SPREAD = "n=4,prompt=uniform:20:120,output=5,arrivals=poisson:30,seed=5"
+
+
+@pytest.fixture(scope="module")
+def validated(profiled, tiny_llama_engine):
+    from dooly.validate import validate
+
+    db, _ = profiled
+    return validate("dooly/tiny-llama", [BURST, SPREAD], db=db.url, repeats=2, llm=tiny_llama_engine)
+
+
+def test_ground_truth_is_what_the_engine_served(validated):
+    from dooly.api import parse_workload
+
+    for v in validated:
+        wanted = {r.request_id: r for r in parse_workload(v.workload)}
+        assert len(v.measured) == 2
+        for reqs, steps in v.measured:
+            assert set(reqs["request_id"]) == set(wanted)
+            # every request got exactly its output tokens, after it arrived
+            assert (reqs["ttft_s"] > 0).all() and (reqs["e2e_s"] >= reqs["ttft_s"]).all()
+            for _, r in reqs.iterrows():
+                assert r["finish_s"] >= wanted[r["request_id"]].arrival_s
+            # the steps' tokens add up to every prompt plus every output token but the last
+            total = sum(w.prompt_tokens + w.output_tokens - 1 for w in wanted.values())
+            assert steps["num_tokens"].sum() == total
+        assert len(v.steps) == sum(len(s) for _, s in v.measured)
+
+
+def test_comparison_figures(validated):
+    burst = validated[0]
+    # all arrive at once: the simulator (vLLM's scheduler) must schedule exactly the engine's batches
+    assert burst.match_rate == 1.0
+    h = burst.headline()
+    for key in ("ttft_mape", "tpot_mape", "p99_ttft_err", "step_mape", "spread_ttft"):
+        assert h[key] == h[key] and h[key] >= 0, key  # a number, not NaN
+    m = burst.metrics.set_index(["metric", "stat"])
+    assert m.loc[("ttft_s", "mean"), "measured"] > 0 and m.loc[("ttft_s", "mean"), "predicted"] > 0
+    row = m.loc[("ttft_s", "mean")]
+    assert row["ape"] == pytest.approx(abs(row["predicted"] - row["measured"]) / row["measured"])
+    assert set(burst.step_types["type"]) <= {"prefill", "decode", "mixed"}
+    assert "decode" in set(burst.step_types["type"])
+
+
+def test_bad_input_fails_before_the_engine(profiled, tmp_path):
+    db, _ = profiled
+    r = subprocess.run([sys.executable, "-m", "dooly.cli", "validate", "dooly/tiny-llama", "--workload",
+                        "n=2,prompt=-5", "--db", db.url], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "prompt" in r.stderr and "Traceback" not in r.stderr
+    empty = f"sqlite:///{tmp_path / 'empty.db'}"
+    r = subprocess.run([sys.executable, "-m", "dooly.cli", "validate", "dooly/tiny-llama", "--workload", BURST,
+                        "--db", empty], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "starting the engine" not in r.stderr
