@@ -16,9 +16,22 @@ from dooly.trace.recorder import record_ops
 
 
 def start_engine(config: dict, dtype: str = "bfloat16", kv_cache_gib: int = 1, **engine_kwargs):
-    """An in-process `vllm.LLM` (V1 engine, eager) on a random-weight model built from `config`."""
+    """An in-process `vllm.LLM` (V1 engine, eager) on a random-weight model built from `config`.
+
+    With `tensor_parallel_size=K > 1` vLLM's CPU build starts K worker processes; unless
+    VLLM_CPU_OMP_THREADS_BIND says otherwise, worker k is bound to the k-th allowed core (its
+    automatic binding wants one NUMA node per worker, which a small machine does not have).
+    """
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+    tp = int(engine_kwargs.get("tensor_parallel_size", 1))
+    if tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) < tp:
+            from dooly.errors import DoolyError
+
+            raise DoolyError(f"tensor_parallel_size={tp} needs {tp} cores (one per worker); {len(cores)} here")
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(c) for c in cores[:tp])
     from vllm import LLM
 
     folder = write_model_dir(config, Path(tempfile.mkdtemp(prefix="dooly-engine-")))
@@ -46,7 +59,43 @@ def record_engine_model(llm):
 
     Yields a list that receives one op list per model forward (one engine step).
     """
-    runner = model_runner(llm)
+    with _recording(model_runner(llm)) as steps:
+        yield steps
+
+
+def _worker_start(wrapper) -> None:
+    """Runs in each TP worker process: start recording its model's ops."""
+    wrapper._dooly_rec = _recording(wrapper.worker.model_runner)
+    wrapper._dooly_steps = wrapper._dooly_rec.__enter__()
+
+
+def _worker_stop(wrapper) -> list:
+    """Runs in each TP worker process: stop recording; its steps as plain (op, module, shapes, dtypes)."""
+    wrapper._dooly_rec.__exit__(None, None, None)
+    steps = wrapper._dooly_steps
+    del wrapper._dooly_rec, wrapper._dooly_steps
+    return [[(o.op, o.module, [tuple(int(d) for d in a.shape) for a in o.args if a.kind == "tensor"]
+              + [tuple(int(d) for d in i.shape) for a in o.args if a.kind == "tensors" for i in a.items
+                 if i.kind == "tensor"],
+              [a.dtype for a in o.args if a.kind == "tensor"]) for o in ops] for ops in steps]
+
+
+@contextlib.contextmanager
+def record_all_ranks(llm):
+    """Like `record_engine_model`, on every worker of a multi-process (TP) engine.
+
+    Yields a list that, when the block ends, holds per rank its steps' op lists, each op as
+    (op, module, tensor shapes, tensor dtypes)."""
+    ranks: list = []
+    llm.collective_rpc(_worker_start)
+    try:
+        yield ranks
+    finally:
+        ranks.extend(llm.collective_rpc(_worker_stop))
+
+
+@contextlib.contextmanager
+def _recording(runner):
     model = runner.model
     describe = attention_describer(runner.vllm_config)
     steps: list[list] = []

@@ -1,0 +1,64 @@
+"""Tensor parallelism on the real engine: vLLM's CPU build at TP=2 (two worker processes, shared-memory
+collectives), compared with dooly's rank trace."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dooly.trace.instantiate import tensor_shapes
+
+
+@pytest.fixture(scope="module")
+def tp2_engine(tiny_llama):
+    from dooly.engines.vllm.engine import start_engine
+
+    llm = start_engine(tiny_llama.config, tensor_parallel_size=2)
+    yield llm
+    del llm
+
+
+@pytest.fixture(scope="module")
+def tp2_trace(tiny_llama):
+    from dooly.trace import trace_model
+
+    return trace_model(tiny_llama, engine="vllm", tp=2)
+
+
+def _plain(view):
+    return json.loads(json.dumps(view))  # tuples and lists alike, as the workers' replies are
+
+
+def _traced_view(trace, values):
+    vals = {**trace.config_params, **values}
+    out = []
+    for o in trace.ops:
+        shapes = tensor_shapes(tuple(a for a in o.args if a.kind == "tensor"), vals)
+        shapes += tensor_shapes(tuple(a for a in o.args if a.kind == "tensors"), vals)
+        out.append((o.op, o.module, shapes, [a.dtype for a in o.args if a.kind == "tensor"]))
+    return _plain(out)
+
+
+def test_rank_trace_equals_both_real_ranks(tp2_engine, tp2_trace):
+    from vllm import SamplingParams
+
+    from dooly.engines.vllm.engine import record_all_ranks
+
+    eng = tp2_engine.llm_engine
+    sp = SamplingParams(max_tokens=3, min_tokens=3, ignore_eos=True, temperature=0)
+    eng.add_request("a", {"prompt_token_ids": list(range(1, 21))}, sp)
+    eng.step()  # a's 20-token prefill
+    eng.add_request("b", {"prompt_token_ids": list(range(1, 31))}, sp)
+    with record_all_ranks(tp2_engine) as ranks:
+        eng.step()  # a's decode + b's 30-token prefill: 31 tokens, 2 requests
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert len(ranks) == 2
+    traced = _traced_view(tp2_trace, {"num_tokens": 31, "num_reqs": 2})
+    assert any(op.startswith("_C::shm_") for op, *_ in traced), "the rank trace has the shm collectives"
+    for rank, steps in enumerate(ranks):
+        real = _plain(steps[0])
+        assert len(real) == len(traced), f"rank {rank}: {len(real)} ops, traced {len(traced)}"
+        for i, (t, r) in enumerate(zip(traced, real)):
+            assert t == r, f"rank {rank} op {i}: traced {t} != engine {r}"
