@@ -48,8 +48,11 @@ def parse_workload(spec, max_len: int | None = None):
 def simulate(model: str, workload, *, db: str | None = None, dtype: str = "bfloat16",
              max_num_batched_tokens: int = 4096, max_num_seqs: int = 256, enable_prefix_caching: bool = True,
              enable_chunked_prefill: bool = True, num_gpu_blocks: int | None = None,
-             threads: int | None = None) -> SimulationResult:
-    """Simulate serving `model` on vLLM (this machine's engine) for `workload`, from the database."""
+             threads: int | None = None, scheduler: str = "fast") -> SimulationResult:
+    """Simulate serving `model` on vLLM (this machine's engine) for `workload`, from the database.
+
+    scheduler: "fast" (dooly's re-implementation of vLLM's policy, tested to make the same batches)
+    or "vllm" (vLLM's own scheduler and KV-cache manager driven in virtual time; slower)."""
     from dooly.catalog import resolve
     from dooly.db import LatencyDB
     from dooly.engines.vllm import version
@@ -58,6 +61,7 @@ def simulate(model: str, workload, *, db: str | None = None, dtype: str = "bfloa
     from dooly.profile import current_environment, default_threads
     from dooly.sim import simulate as run
     from dooly.sim.metrics import requests_frame, steps_frame, summary
+    from dooly.sim.scheduler import FastScheduler
     from dooly.trace import trace_model
 
     for name, value in (("max_num_batched_tokens", max_num_batched_tokens), ("max_num_seqs", max_num_seqs)):
@@ -67,9 +71,13 @@ def simulate(model: str, workload, *, db: str | None = None, dtype: str = "bfloa
     trace = trace_model(spec, dtype=dtype, cache=True)
     env = current_environment("vllm", version(), dtype, threads or default_threads())
     predictor = Predictor(LatencyDB(db, create=False), env)
-    sched = VllmScheduler(spec.config, dtype, num_blocks=num_gpu_blocks, max_num_batched_tokens=max_num_batched_tokens,
-                          max_num_seqs=max_num_seqs, enable_prefix_caching=enable_prefix_caching,
-                          enable_chunked_prefill=enable_chunked_prefill)
+    schedulers = {"fast": FastScheduler, "vllm": VllmScheduler}
+    if scheduler not in schedulers:
+        raise DoolyError(f"scheduler must be one of {sorted(schedulers)}, got {scheduler!r}")
+    sched = schedulers[scheduler](spec.config, dtype, num_blocks=num_gpu_blocks,
+                                  max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+                                  enable_prefix_caching=enable_prefix_caching,
+                                  enable_chunked_prefill=enable_chunked_prefill)
     requests = parse_workload(workload, sched.max_model_len)
     step = StepPredictor(trace, predictor)
     results, steps = run(requests, sched, lambda batch: step(batch).us / 1e6,
