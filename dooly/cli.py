@@ -417,6 +417,45 @@ def quickstart(
     plan(models=None, suite=suite, engine="vllm", tp=1, dtype="bfloat16", attention_backend=None)
 
 
+export_app = typer.Typer(no_args_is_help=True, help="Write dooly's predictions in other simulators' formats.")
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("vidur")
+def export_vidur(
+    model: str = typer.Argument(..., help="HF id from the catalog, or a path to config.json / its folder"),
+    out: str = typer.Option(..., "--out", help="new folder for the files (written whole or not at all)"),
+    engine: str = typer.Option("vllm", help="engine whose ops fill the files (vllm)"),
+    db: Optional[str] = typer.Option(None, "--db", help=_DB_HELP),
+    dtype: str = typer.Option("bfloat16"),
+    max_num_batched_tokens: int = typer.Option(4096, help="engine limit: tokens per step (grid and Vidur chunk)"),
+    max_num_seqs: int = typer.Option(256, help="engine limit: requests per step (grid and Vidur batch cap)"),
+    device: str = typer.Option("cpu", help="Vidur device / node SKU name the files are filed under"),
+) -> None:
+    """Vidur's profile files (mlp.csv, attention.csv) for MODEL, filled from the latency database."""
+    from dooly.export import export_vidur as run
+
+    try:
+        if engine != "vllm":
+            raise DoolyError(f"engine {engine!r} cannot be exported to Vidur; engines: vllm")
+        res = run(model, out, db=db, dtype=dtype, max_num_batched_tokens=max_num_batched_tokens,
+                  max_num_seqs=max_num_seqs, device=device)
+    except DoolyError as e:
+        _fail(e)
+    m = res.manifest
+    for name, info in m["files"].items():
+        console.print(f"{name}: {info['rows']} rows; extrapolated rows per op: {info['extrapolated_rows']}",
+                      highlight=False)
+    for x in m["not_filled"]:
+        console.print(f"not filled: {x['what']} ({x['reason']})", highlight=False, soft_wrap=True)
+    for x in m["not_represented"]:
+        console.print(f"not represented in Vidur: {x['count']}x {x['op']} in {x['module']} ({x['reason']})",
+                      highlight=False, soft_wrap=True)
+    console.print(f"wrote {res.folder} (manifest.json, README.md); run Vidur (PyPI vidur=={m['vidur']['version']}) "
+                  f"with workload flags in place of WORKLOAD_FLAGS:", highlight=False)
+    sys.stdout.write(res.command + "\n")
+
+
 def main() -> None:
     app()
 
