@@ -86,3 +86,20 @@ def test_recorded_attention_carries_backend_identity(tiny_llama_trace):
 def test_trace_has_no_unresolved_dims(tiny_llama_trace, phase):
     assert tiny_llama_trace.unresolved == 0
     assert all(o.phase == phase for o in tiny_llama_trace.ops)
+
+
+def test_tracing_leaves_no_fake_module_behind(tiny_llama, tiny_llama_engine):
+    # vLLM caches rotary modules process-wide: one built while tracing (fake tensors) must not be
+    # handed to an engine started later in the same process
+    from torch._subclasses.fake_tensor import FakeTensor
+    from vllm.model_executor.layers import rotary_embedding
+
+    from dooly.engines.vllm.engine import model_runner
+    from dooly.trace import trace_model
+
+    trace_model(tiny_llama, engine="vllm")
+    cached = [b for m in rotary_embedding._ROPE_DICT.values() for b in m.buffers()]
+    assert not any(isinstance(b, FakeTensor) for b in cached)
+    model = model_runner(tiny_llama_engine).model
+    assert not any(isinstance(b, FakeTensor) for b in model.buffers())
+    assert not any(isinstance(p, FakeTensor) for p in model.parameters())

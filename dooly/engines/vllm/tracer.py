@@ -139,6 +139,23 @@ def attention_backends() -> list[str]:
     return available_backends()
 
 
+@contextlib.contextmanager
+def private_rope_cache():
+    """vLLM shares rotary-embedding modules through a process-wide cache; one built under fake mode
+    must not outlive the block, or a real engine started later in this process would pick up its
+    fake cos/sin cache (every rotary call then runs through fake-tensor dispatch, ~1 ms, and does
+    nothing). The cache is emptied for the block and restored after it."""
+    from vllm.model_executor.layers import rotary_embedding
+
+    saved = dict(rotary_embedding._ROPE_DICT)
+    rotary_embedding._ROPE_DICT.clear()
+    try:
+        yield
+    finally:
+        rotary_embedding._ROPE_DICT.clear()
+        rotary_embedding._ROPE_DICT.update(saved)
+
+
 def run_trace(config: dict, tp: int = 1, dtype: str = "bfloat16", rank: int = 0,
               hints: tuple[int, int] = (37, 3), attention_backend: str | None = None) -> RunResult:
     """One symbolic engine step (num_tokens tokens, num_reqs requests) through vLLM's model code."""
@@ -149,7 +166,7 @@ def run_trace(config: dict, tp: int = 1, dtype: str = "bfloat16", rank: int = 0,
     extra = {"attention_backend": attention_backend} if attention_backend else {}
     with tempfile.TemporaryDirectory(prefix="dooly-model-") as tmp:
         cfg = engine_config(write_model_dir(config, Path(tmp)), dtype, tp, **extra)
-    with worker_context(cfg):
+    with worker_context(cfg), private_rope_cache():
         shape_env = ShapeEnv(specialize_zero_one=False)
         fm = FakeTensorMode(shape_env=shape_env, allow_non_fake_inputs=True)
         try:
