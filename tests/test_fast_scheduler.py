@@ -140,3 +140,22 @@ def test_unmodelled_options_are_refused(tiny_llama):
 
     with pytest.raises(DoolyError, match="scheduling policy"):
         FastScheduler(tiny_llama.config, num_blocks=64, scheduling_policy="priority")
+
+
+def test_settings_are_vllms_resolution_cached_as_json(tiny_llama, tmp_path, monkeypatch):
+    from dooly.engines.vllm.scheduler import VllmScheduler
+    from dooly.sim.scheduler import scheduler_settings
+
+    monkeypatch.setenv("DOOLY_CACHE", str(tmp_path))
+    options = dict(block_size=16, max_num_batched_tokens=128, long_prefill_token_threshold=48)
+    fresh = scheduler_settings(tiny_llama.config, **options)
+    sc = VllmScheduler(tiny_llama.config, num_blocks=64, **options).cfg.scheduler_config
+    # vLLM lowers max_num_seqs (default 256) to the 128-token budget
+    assert (fresh["block_size"], fresh["max_num_batched_tokens"], fresh["long_prefill_token_threshold"]) == (16, 128, 48)
+    assert fresh["max_num_seqs"] == sc.max_num_seqs == 128 and fresh["unsupported"] == []
+    [entry] = (tmp_path / "schedulers").glob("*.json")
+    entry.write_text(entry.read_text().replace('"block_size": 16', '"block_size": 99'))
+    assert scheduler_settings(tiny_llama.config, **options)["block_size"] == 99  # served from the cache
+    entry.write_text("{")
+    assert scheduler_settings(tiny_llama.config, **options) == fresh  # unreadable: resolved and rewritten
+    assert scheduler_settings(tiny_llama.config, **{**options, "block_size": 32})["block_size"] == 32

@@ -25,6 +25,9 @@ evicting a cached block's hash; a prefix hit on a free cached block takes it out
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import tempfile
 from collections import OrderedDict, deque
 from pathlib import Path
@@ -32,6 +35,8 @@ from pathlib import Path
 from dooly.engines.vllm.scheduler import ScheduledStep
 from dooly.errors import DoolyError
 from dooly.profile.batches import Batch
+
+SETTINGS_FORMAT = 1
 
 
 class _Request:
@@ -53,13 +58,12 @@ class _Request:
 class BlockPool:
     """KV blocks: reference counts, the free queue and the prefix cache (block hash -> blocks)."""
 
-    def __init__(self, num_blocks: int, caching: bool):
+    def __init__(self, num_blocks: int):
         self.ref = [0] * num_blocks
         self.hash: list[int | None] = [None] * num_blocks
         self.plain = list(range(num_blocks - 1, 0, -1))  # free, never cached (block 0: the null block)
         self.lru: OrderedDict[int, None] = OrderedDict()  # free cached blocks, evicted first first
         self.cached: dict[int, list[int]] = {}  # block hash -> blocks holding it, the first one is hit
-        self.caching = caching
 
     @property
     def num_free(self) -> int:
@@ -129,35 +133,26 @@ class FastScheduler:
     """Same protocol and `ScheduledStep`s as `VllmScheduler`, O(running requests) per step."""
 
     def __init__(self, config: dict, dtype: str = "bfloat16", num_blocks: int | None = None, **engine_kwargs):
-        from dooly.engines.vllm.setup import engine_config, write_model_dir
-
-        with tempfile.TemporaryDirectory(prefix="dooly-sched-") as tmp:
-            self.cfg = cfg = engine_config(write_model_dir(config, Path(tmp)), dtype, **engine_kwargs)
-        sc, cc = cfg.scheduler_config, cfg.cache_config
-        unsupported = {"scheduling policy": sc.policy != "fcfs", "async scheduling": sc.async_scheduling,
-                       "speculative decoding": cfg.speculative_config is not None,
-                       "a KV connector": cfg.kv_transfer_config is not None, "LoRA": cfg.lora_config is not None,
-                       "a custom scheduler class": sc.scheduler_cls not in (None, "vllm.v1.core.sched.scheduler.Scheduler"),
-                       "a finer prefix-cache hash block": cc.hash_block_size not in (None, cc.block_size)}
-        bad = [name for name, on in unsupported.items() if on]
-        if bad:
-            raise DoolyError(f"the fast scheduler does not model {', '.join(bad)}; use scheduler='vllm'")
-        self.block_size = cc.block_size
-        self.max_model_len = cfg.model_config.max_model_len
-        self.max_batched = sc.max_num_batched_tokens  # input budget
-        self.budget = min(sc.max_num_scheduled_tokens or sc.max_num_batched_tokens, sc.max_num_batched_tokens)
-        self.max_active = sc.max_num_active_seqs or sc.max_num_seqs
-        self.long_prefill = sc.long_prefill_token_threshold
-        self.adaptive_long_prefill = sc.long_prefill_token_threshold_adaptive
-        self.chunked = sc.enable_chunked_prefill
-        self.reserve_full = sc.scheduler_reserve_full_isl
-        self.caching = bool(cc.enable_prefix_caching)
-        if num_blocks is None:
-            num_blocks = _default_num_blocks(config, cc.block_size, cfg.model_config.dtype)
+        self.settings = st = scheduler_settings(config, dtype, **engine_kwargs)
+        if st["unsupported"]:
+            raise DoolyError(f"the fast scheduler does not model {', '.join(st['unsupported'])}; use scheduler='vllm'")
+        self.block_size = st["block_size"]
+        self.max_model_len = st["max_model_len"]
+        self.max_batched = st["max_num_batched_tokens"]  # vLLM's input budget
+        self.budget = min(st["max_num_scheduled_tokens"] or self.max_batched, self.max_batched)
+        self.max_active = st["max_num_active_seqs"] or st["max_num_seqs"]
+        self.long_prefill = st["long_prefill_token_threshold"]
+        self.adaptive_long_prefill = st["long_prefill_token_threshold_adaptive"]
+        self.chunked = st["enable_chunked_prefill"]
+        self.reserve_full = st["scheduler_reserve_full_isl"]
+        self.caching = st["enable_prefix_caching"]
+        if num_blocks is None:  # what the CPU engine gets from VLLM_CPU_KVCACHE_SPACE (default 4 GiB), as VllmScheduler
+            gib = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 4)
+            num_blocks = int(gib * (1 << 30) // st["kv_bytes_per_block"])
         self.num_blocks = num_blocks
-        self.watermark_blocks = int(sc.watermark * num_blocks)
-        self.pool = BlockPool(num_blocks, self.caching)
-        self._ones = (1,) * cc.block_size
+        self.watermark_blocks = int(st["watermark"] * num_blocks)
+        self.pool = BlockPool(num_blocks)
+        self._ones = (1,) * self.block_size
         self.running: list[_Request] = []
         self.waiting: deque[_Request] = deque()
         self._finished_unreported = False  # vLLM reports finished ids with the next schedule()
@@ -318,14 +313,55 @@ class FastScheduler:
             hashes.append(prev)
 
 
-def _default_num_blocks(config: dict, block_size: int, dtype) -> int:
-    """The CPU engine's KV blocks from VLLM_CPU_KVCACHE_SPACE (GiB, default 4), as `VllmScheduler` sizes it."""
-    import os
+def scheduler_settings(config: dict, dtype: str = "bfloat16", **engine_kwargs) -> dict:
+    """The scheduling settings vLLM's engine config resolves for these options (as `VllmScheduler` builds
+    it), cached as JSON under `$DOOLY_CACHE/schedulers`: building the config imports vLLM (seconds).
 
+    The key hashes the model config, dtype, options, vLLM's version and the code that resolves them.
+    """
+    from dooly.engines.vllm import version
+    from dooly.trace.cache import cache_dir
+
+    sources = [Path(__file__), Path(__file__).parent.parent / "engines" / "vllm" / "setup.py"]
+    text = json.dumps([SETTINGS_FORMAT, config, dtype, engine_kwargs, version(), [f.read_text() for f in sources]],
+                      sort_keys=True, default=str)
+    path = cache_dir().parent / "schedulers" / f"{hashlib.sha1(text.encode()).hexdigest()}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # missing or unreadable: resolve and (re)write
+        pass
+    settings = _resolve_settings(config, dtype, engine_kwargs)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(settings))
+        tmp.replace(path)
+    except OSError:
+        pass
+    return settings
+
+
+def _resolve_settings(config: dict, dtype: str, engine_kwargs: dict) -> dict:
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
+    from dooly.engines.vllm.setup import engine_config, write_model_dir
+
+    with tempfile.TemporaryDirectory(prefix="dooly-sched-") as tmp:
+        cfg = engine_config(write_model_dir(config, Path(tmp)), dtype, **engine_kwargs)
+    sc, cc = cfg.scheduler_config, cfg.cache_config
+    unsupported = {"scheduling policy": sc.policy != "fcfs", "async scheduling": bool(sc.async_scheduling),
+                   "speculative decoding": cfg.speculative_config is not None,
+                   "a KV connector": cfg.kv_transfer_config is not None, "LoRA": cfg.lora_config is not None,
+                   "a custom scheduler class": sc.scheduler_cls not in (None, "vllm.v1.core.sched.scheduler.Scheduler"),
+                   "a finer prefix-cache hash block": cc.hash_block_size not in (None, cc.block_size)}
     heads = config["num_attention_heads"]
-    spec = FullAttentionSpec(block_size=block_size, num_kv_heads=config.get("num_key_value_heads") or heads,
-                             head_size=config.get("head_dim") or config["hidden_size"] // heads, dtype=dtype)
-    gib = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 4)
-    return int(gib * (1 << 30) // (spec.page_size_bytes * config["num_hidden_layers"]))
+    spec = FullAttentionSpec(block_size=cc.block_size, num_kv_heads=config.get("num_key_value_heads") or heads,
+                             head_size=config.get("head_dim") or config["hidden_size"] // heads,
+                             dtype=cfg.model_config.dtype)
+    names = ("max_num_batched_tokens", "max_num_scheduled_tokens", "max_num_seqs", "max_num_active_seqs",
+             "long_prefill_token_threshold", "long_prefill_token_threshold_adaptive", "enable_chunked_prefill",
+             "scheduler_reserve_full_isl", "watermark")
+    return {"block_size": cc.block_size, "max_model_len": cfg.model_config.max_model_len,
+            "enable_prefix_caching": bool(cc.enable_prefix_caching), **{n: getattr(sc, n) for n in names},
+            "kv_bytes_per_block": spec.page_size_bytes * config["num_hidden_layers"],
+            "unsupported": [name for name, on in unsupported.items() if on]}
