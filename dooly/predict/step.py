@@ -2,7 +2,8 @@
 
     step latency = sum over the trace's ops of count x predicted latency
                    (stateless: at num_tokens / num_reqs; attention: at the step's batch composition;
-                    KV-cache write: at num_tokens; metadata-only ops: 0)
+                    KV-cache write: at num_tokens; collectives: at num_tokens / num_reqs, as measured
+                    between real ranks of the trace's tensor-parallel group; metadata-only ops: 0)
                  + the engine's calibrated per-step overhead (when the environment has one)
 
 `StepPredictor` resolves every op group's regressor once, then memoises the part that depends only
@@ -26,7 +27,7 @@ class StepPrediction:
     us: float  # predicted latency of the step: its ops, plus the engine's calibrated per-step overhead
     uncertainty_us: float  # root-sum-square of the per-op bands (repeats of one op add linearly)
     extrapolated: bool  # some op was predicted outside its measured range
-    by_kind: dict = field(default_factory=dict)  # stateless / stateful / overhead -> us
+    by_kind: dict = field(default_factory=dict)  # stateless / stateful / collective / overhead -> us
     calibrated: bool = False  # the environment's per-step overhead was known and included
 
 
@@ -39,12 +40,16 @@ class StepPredictor:
         self.trace, self.predictor = trace, predictor
         self._by_counts: list = []  # (count, kind, signature, op) of ops that depend on the counts only
         self._attention: list = []  # (count, signature, op) of attention ops (depend on the batch)
+        if trace.tp > 1:
+            self._check_group_size()
         for g in trace.groups():
             kind = classify(g.op, g.attrs)
             if kind == FREE:
                 continue
-            if kind == COLLECTIVE:
-                raise DoolyError(f"{g.op} is a collective; collectives are not profiled yet (tensor parallelism)")
+            if kind == COLLECTIVE:  # like a stateless op: its latency depends on the counts only
+                self._require_collective(g.signature, g.op)
+                self._by_counts.append((g.count, kind, g.signature, g.op))
+                continue
             if kind == STATEFUL and g.op.endswith("attention_with_output"):
                 self._attention.append((g.count, g.signature, g.op))
             else:
@@ -57,6 +62,23 @@ class StepPredictor:
             self._overhead = predictor.model(OVERHEAD_SIG)
         self._memo: dict[tuple[int, int], tuple] = {}
 
+    def _profile_command(self) -> str:
+        return f"dooly profile {self.trace.model} --tp {self.trace.tp} --db {self.predictor.db.url}"
+
+    def _check_group_size(self) -> None:
+        """A rank's ops and its collectives were measured for one tensor-parallel degree: the trace's."""
+        from dooly.profile.environment import tensor_parallel_of
+
+        t, env_tp = self.trace, tensor_parallel_of(self.predictor.env)
+        if env_tp != t.tp:
+            raise DoolyError(f"{t.model} is traced at tp={t.tp} but the predictor's environment is for tp={env_tp}; "
+                             f"predict with current_environment(..., tp={t.tp}) after: {self._profile_command()}")
+
+    def _require_collective(self, signature: str, op: str) -> None:
+        if self.predictor.model(signature) is None:
+            raise DoolyError(f"no measurements for the collective {op} ({signature[:8]}) of {self.trace.model} at "
+                             f"tp={self.trace.tp} in this environment; fill them with: {self._profile_command()}")
+
     def _counts_part(self, num_tokens: int, num_reqs: int, batch: Batch) -> tuple:
         key = (num_tokens, num_reqs)
         hit = self._memo.get(key)
@@ -64,6 +86,8 @@ class StepPredictor:
             return hit
         values = {"num_tokens": num_tokens, "num_reqs": num_reqs}
         by_kind = {STATELESS: 0.0, STATEFUL: 0.0}
+        if any(kind == COLLECTIVE for _, kind, _, _ in self._by_counts):
+            by_kind[COLLECTIVE] = 0.0
         var, extrapolated = 0.0, False
         for count, kind, sig, op in self._by_counts:
             p = self.predictor.latency(sig, values, model_name=self.trace.model, op=op)

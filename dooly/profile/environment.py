@@ -11,6 +11,9 @@ from dooly.db.records import Environment
 TIMING_METHOD = "cpu-rotate-llc4x-v1"
 _ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8",
               "asimd", "sve")
+# The communicator a tensor-parallel group's collectives run over, per device: vLLM's CPU worker
+# all-reduces through shared memory (`CpuCommunicator` with `_CPUSHMDistributed`).
+COMMUNICATORS = {"cpu": "cpu-shm"}
 
 
 def _cpu_info() -> tuple[str, str]:
@@ -28,16 +31,31 @@ def _cpu_info() -> tuple[str, str]:
     return name, ",".join(f for f in _ISA_FLAGS if f in flags)
 
 
-def default_threads() -> int:
-    """Threads vLLM's CPU worker computes with here: it binds one core less than the machine has
-    (one is left to the engine's front end), at least one."""
-    return max(1, (os.cpu_count() or 2) - 1)
+def default_threads(tp: int = 1) -> int:
+    """Threads vLLM's CPU worker computes with here: alone, it binds one core less than the machine
+    has (one is left to the engine's front end), at least one; as one of `tp` tensor-parallel ranks,
+    an equal share of the cores (the split VLLM_CPU_OMP_THREADS_BIND="0|1" makes on 2 cores)."""
+    cores = os.cpu_count() or 2
+    return max(1, cores - 1) if tp == 1 else max(1, cores // tp)
 
 
-def current_environment(engine: str, engine_version: str, dtype: str, threads: int) -> Environment:
+def current_environment(engine: str, engine_version: str, dtype: str, threads: int, tp: int = 1) -> Environment:
+    """`threads` are per rank. With tp > 1 the binding also names the group: its size and the
+    communicator its collectives run over (tp=1 keys are those of single-process measurements)."""
     import torch
 
     name, isa = _cpu_info()
+    binding = f"omp-{threads}-threads"
+    if tp > 1:
+        binding += f",tp={tp},comm={COMMUNICATORS['cpu']}"
     return Environment(device="cpu", device_name=name, isa=isa, engine=engine, engine_version=engine_version,
                        torch_version=torch.__version__, dtype=dtype, threads=threads,
-                       binding=f"omp-{threads}-threads", timing=TIMING_METHOD)
+                       binding=binding, timing=TIMING_METHOD)
+
+
+def tensor_parallel_of(env: Environment) -> int:
+    """The tensor-parallel degree an environment's measurements were taken at (1: no group)."""
+    for part in env.binding.split(","):
+        if part.startswith("tp="):
+            return int(part[3:])
+    return 1

@@ -2,6 +2,10 @@
 
     traces ──> plan_profile ──> ProfilePlan ──> run_profile ──> ProfileSummary
                   (db lookup)                    (measure, store each point at once)
+
+Stateless ops are replayed here, stateful ones through the engine's own set-up (its `stateful`
+module), collectives between real ranks of a tensor-parallel group (its `collectives` module,
+one group started per run, measured last).
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
@@ -17,17 +21,20 @@ import torch
 from dooly.db import Environment, LatencyDB, Measurement, parse_point, point_key
 from dooly.engines import get_engine
 from dooly.errors import DoolyError
+from dooly.profile.environment import tensor_parallel_of
 from dooly.profile.grid import Limits, points
 from dooly.profile.replay import NotReplayable, materialize, request_vars_of
 from dooly.profile.timing import measure
 from dooly.trace.records import REQUEST_VARS, Trace, is_metadata_op
 
 STATELESS, FREE, STATEFUL, COLLECTIVE = "stateless", "free", "stateful", "collective"
+GROUP_START_S = 30.0  # rough cost of starting a tensor-parallel group (every rank imports the engine)
 _COLLECTIVE_PREFIXES = ("_C::shm_", "vllm::all_reduce", "vllm::all_gather", "vllm::reduce_scatter", "c10d::")
 
 
 def classify(op: str, attrs: tuple) -> str:
-    """stateless: replayed here; free: metadata-only (no time); stateful / collective: other stages."""
+    """stateless: replayed here; free: metadata-only (no time); stateful: through the engine's set-up;
+    collective: between the ranks of a real tensor-parallel group."""
     if is_metadata_op(op):
         return FREE
     if any(k == "backend" for k, _ in attrs):
@@ -45,8 +52,10 @@ class SignatureWork:
     variables: tuple  # request variables it depends on
     points: list  # point keys of the grid
     models: list  # models that run it
-    kind: str = STATELESS  # STATELESS: replayed from the signature; STATEFUL: through the engine's own set-up
-    attrs: dict = field(default_factory=dict)  # kernel identity (stateful: backend, heads, block size, ...)
+    kind: str = STATELESS  # STATELESS: replayed from the signature; STATEFUL: through the engine's own set-up;
+    #                        COLLECTIVE: between real ranks (points over the same grid as stateless ops)
+    attrs: dict = field(default_factory=dict)  # kernel identity (stateful: backend, heads, block size, ...;
+    #                                             collective: world_size)
     config: dict = field(default_factory=dict)  # stateful: config.json of the first model that runs it
 
 
@@ -56,17 +65,19 @@ class ProfilePlan:
     grid: str
     limits: Limits
     models: list
-    work: list  # SignatureWork per stateless signature
+    work: list  # SignatureWork per profiled signature
     needs: dict  # model -> set of (signature, point key)
     stored: dict  # (signature, point key) -> Measurement already in the database
-    deferred: dict  # signature -> (op, kind) of ops this stage does not profile (collectives, ...)
+    deferred: dict  # signature -> (op, kind) of ops this stage does not profile (unsupported ones)
 
     @property
     def missing(self) -> list[tuple[SignatureWork, str]]:
         return [(w, p) for w in self.work for p in w.points if (w.signature, p) not in self.stored]
 
     def estimate_s(self) -> float:
-        return sum(_estimate_point_s(w.text, parse_point(p)) for w, p in self.missing)
+        missing = self.missing
+        group = GROUP_START_S if any(w.kind == COLLECTIVE for w, _ in missing) else 0.0
+        return group + sum(_estimate_point_s(w.text, parse_point(p)) for w, p in missing)
 
 
 @dataclass
@@ -80,8 +91,9 @@ class ProfileSummary:
     device_s: float  # spent by this run
     baseline_s: float  # a per-model profiler without reuse (same grid, method)
     failed: dict = field(default_factory=dict)  # signature -> reason
-    deferred: int = 0  # signatures this stage does not profile (collectives, ...)
+    deferred: int = 0  # signatures this stage does not profile (unsupported ones)
     run_id: int | None = None
+    collective_ranks: list = field(default_factory=list)  # set-up of each rank that measured collectives
 
     @property
     def saved_pct(self) -> float:
@@ -96,16 +108,23 @@ def plan_profile(traces: list[Trace], env: Environment, stored: dict, grid: str 
     for t in traces:
         need = needs.setdefault(t.model, set())
         stateful = getattr(get_engine(t.engine), "stateful", None)
+        collectives = _collectives(t.engine)
         for g in t.groups():
             kind = classify(g.op, g.attrs)
             if kind == STATEFUL and (stateful is None or g.op not in stateful.STATEFUL_OPS):
                 kind = "stateful-unsupported"  # no engine-side set-up for it yet: listed, not dropped
-            if kind not in (STATELESS, STATEFUL):
+            if kind == COLLECTIVE and (collectives is None or g.op not in collectives.COLLECTIVE_OPS):
+                kind = "collective-unsupported"
+            if kind not in (STATELESS, STATEFUL, COLLECTIVE):
                 if kind != FREE:
                     deferred[g.signature] = (g.op, kind)
                 continue
+            if kind == COLLECTIVE and tensor_parallel_of(env) != t.tp:
+                # a collective's signature holds its shapes, not its group: the environment must
+                raise DoolyError(f"{t.model} is traced at tp={t.tp} but the environment is for tp="
+                                 f"{tensor_parallel_of(env)}: build it with current_environment(..., tp={t.tp})")
             if g.signature not in work:
-                if kind == STATELESS:
+                if kind in (STATELESS, COLLECTIVE):
                     variables = request_vars_of(g.signature_text, REQUEST_VARS)
                     pts = points(variables, grid, limits)
                 else:
@@ -114,9 +133,10 @@ def plan_profile(traces: list[Trace], env: Environment, stored: dict, grid: str 
                     pts = stateful.stateful_points(g.op, grid, limits.max_num_batched_tokens, limits.max_num_seqs,
                                                    max_len, stateful.kv_token_budget(attrs, t.dtype))
                     variables = tuple(sorted({k for p in pts for k in p}))
+                attrs = {"world_size": t.tp} if kind == COLLECTIVE else dict(g.attrs)
                 work[g.signature] = SignatureWork(g.signature, g.op, g.signature_text, variables,
                                                   [point_key(p) for p in pts], [], kind,
-                                                  dict(g.attrs), t.config if kind == STATEFUL else {})
+                                                  attrs, t.config if kind == STATEFUL else {})
             w = work[g.signature]
             if t.model not in w.models:
                 w.models.append(t.model)
@@ -143,6 +163,14 @@ def _estimate_point_s(text: str, values: dict) -> float:
     return max(0.2, 8 * call) + 0.02
 
 
+def _collectives(engine: str):
+    """The engine's collectives module (dooly.engines.<engine>.collectives), or None."""
+    import importlib.util
+
+    name = f"dooly.engines.{engine}.collectives"
+    return importlib.import_module(name) if importlib.util.find_spec(name) is not None else None
+
+
 def _load_replay_rules(engine: str) -> None:
     """Engine-specific replay rules live with their engine (e.g. dooly.engines.vllm.replay)."""
     import importlib.util
@@ -152,9 +180,13 @@ def _load_replay_rules(engine: str) -> None:
         importlib.import_module(name)
 
 
-def run_profile(plan: ProfilePlan, db: LatencyDB,
-                progress: Callable[[str, int, int], None] | None = None) -> ProfileSummary:
-    """Measure what the plan lacks, storing each point as soon as it is measured."""
+def run_profile(plan: ProfilePlan, db: LatencyDB, progress: Callable[[str, int, int], None] | None = None,
+                collectives=None) -> ProfileSummary:
+    """Measure what the plan lacks, storing each point as soon as it is measured.
+
+    collectives: a started group (the engine's `CollectiveProfiler`) to measure collectives with;
+    by default one is started at the first collective point this run lacks and closed at its end.
+    """
     _load_replay_rules(plan.env.engine)
     env_key = db.ensure_environment(plan.env)
     db.add_signatures({w.signature: (w.op, w.text) for w in plan.work})
@@ -165,10 +197,12 @@ def run_profile(plan: ProfilePlan, db: LatencyDB,
         limits = plan.limits
         stateful = get_engine(plan.env.engine).stateful.StatefulProfiler(
             plan.env.dtype, limits.max_num_batched_tokens, limits.max_num_seqs)
+    group, own_group = collectives, collectives is None
     costs = {k: m.cost_s for k, m in plan.stored.items()}
     measured, failed = 0, {}
     spent = 0.0
-    todo = plan.missing
+    # collectives last: the group's ranks then live for one stretch, with nothing else running
+    todo = sorted(plan.missing, key=lambda wp: wp[0].kind == COLLECTIVE)
     status = "interrupted"
     try:
         for i, (w, p) in enumerate(todo):
@@ -182,18 +216,26 @@ def run_profile(plan: ProfilePlan, db: LatencyDB,
                 continue
             values = parse_point(p)
             try:
-                if w.kind == STATEFUL:
-                    t = measure(stateful.make_call(w.op, w.config, w.attrs, values))
+                if w.kind == COLLECTIVE:
+                    if group is None:
+                        group = _collectives(plan.env.engine).CollectiveProfiler(w.attrs["world_size"],
+                                                                                 plan.env.threads)
+                    if group.world_size != w.attrs["world_size"]:
+                        raise DoolyError(f"the group has {group.world_size} ranks, the trace {w.attrs['world_size']}")
+                    m = group.measure(w.signature, w.text, values)  # the first one carries the start-up
                 else:
-                    t = measure(lambda: materialize(w.text, values))
+                    if w.kind == STATEFUL:
+                        t = measure(stateful.make_call(w.op, w.config, w.attrs, values))
+                    else:
+                        t = measure(lambda: materialize(w.text, values))
+                    m = Measurement(w.signature, p, t.median_us, t.p25_us, t.p75_us, t.repeats, t.cost_s)
             except (NotReplayable, DoolyError, RuntimeError, TypeError, ValueError, IndexError) as e:
                 failed[w.signature] = f"{w.op}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
                 continue
-            m = Measurement(w.signature, p, t.median_us, t.p25_us, t.p75_us, t.repeats, t.cost_s)
-            spent += t.cost_s
+            spent += m.cost_s
             if db.add_measurement(env_key, m, run_id):
                 measured += 1
-                costs[(w.signature, p)] = t.cost_s
+                costs[(w.signature, p)] = m.cost_s
             else:  # stored by a concurrent profiler between our check and our write
                 costs[(w.signature, p)] = db.points(env_key, w.signature)[(w.signature, p)].cost_s
             db.update_run(run_id, measured=measured, device_s=spent)
@@ -201,6 +243,9 @@ def run_profile(plan: ProfilePlan, db: LatencyDB,
             progress("", len(todo), len(todo))
         status = "done"
     finally:
+        ranks = [asdict(r) for r in group.ranks] if group is not None else []
+        if own_group and group is not None:
+            group.close()
         baseline = sum(costs.get(k, 0.0) for need in plan.needs.values() for k in need)
         reused_points = sum(1 for w in plan.work for p in w.points if (w.signature, p) in plan.stored)
         db.update_run(run_id, finished=time.time(), measured=measured, reused=reused_points, device_s=spent,
@@ -210,4 +255,4 @@ def run_profile(plan: ProfilePlan, db: LatencyDB,
         signatures_measured=len({w.signature for w, p in todo if w.signature not in failed}),
         signatures_reused=len(plan.work) - len({w.signature for w, _ in todo}),
         points_measured=measured, points_reused=reused_points, device_s=spent, baseline_s=baseline,
-        failed=failed, deferred=len(plan.deferred), run_id=run_id)
+        failed=failed, deferred=len(plan.deferred), run_id=run_id, collective_ranks=ranks)
