@@ -48,7 +48,8 @@ def parse_workload(spec, max_len: int | None = None):
 def simulate(model: str, workload, *, db: str | None = None, dtype: str = "bfloat16",
              max_num_batched_tokens: int = 4096, max_num_seqs: int = 256, enable_prefix_caching: bool = True,
              enable_chunked_prefill: bool = True, num_gpu_blocks: int | None = None,
-             threads: int | None = None, scheduler: str = "fast") -> SimulationResult:
+             threads: int | None = None, scheduler: str = "fast",
+             tensor_parallel_size: int = 1) -> SimulationResult:
     """Simulate serving `model` on vLLM (this machine's engine) for `workload`, from the database.
 
     scheduler: "fast" (dooly's re-implementation of vLLM's policy, tested to make the same batches)
@@ -68,9 +69,18 @@ def simulate(model: str, workload, *, db: str | None = None, dtype: str = "bfloa
         if value <= 0:
             raise DoolyError(f"{name} must be > 0, got {value}")
     spec = resolve(model)
-    trace = trace_model(spec, dtype=dtype, cache=True)
-    env = current_environment("vllm", version(), dtype, threads or default_threads())
+    tp = tensor_parallel_size
+    trace = trace_model(spec, dtype=dtype, tp=tp, cache=True)
+    env = current_environment("vllm", version(), dtype, threads or default_threads(tp), tp=tp)
     predictor = Predictor(LatencyDB(db, create=False), env)
+    if num_gpu_blocks is None and tp > 1:  # each rank holds 1/tp of the KV heads in the same KV space
+        import os
+
+        from dooly.sim.scheduler import scheduler_settings
+
+        per_block = scheduler_settings(spec.config, dtype, max_num_batched_tokens=max_num_batched_tokens,
+                                       max_num_seqs=max_num_seqs)["kv_bytes_per_block"]
+        num_gpu_blocks = int(float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 4) * (1 << 30) * tp // per_block)
     schedulers = {"fast": FastScheduler, "vllm": VllmScheduler}
     if scheduler not in schedulers:
         raise DoolyError(f"scheduler must be one of {sorted(schedulers)}, got {scheduler!r}")
@@ -89,8 +99,11 @@ CALIBRATION_MODELS = ("dooly/tiny-llama", "dooly/tiny-llama-deep")
 
 
 def calibrate(db: str | None = None, models=CALIBRATION_MODELS, dtype: str = "bfloat16",
-              threads: int | None = None, seed: int = 0) -> pd.DataFrame:
+              threads: int | None = None, seed: int = 0, tensor_parallel_size: int = 1) -> pd.DataFrame:
     """Measure the real engine's per-step overhead in this environment and store it in the database.
+
+    With `tensor_parallel_size` K > 1 the engine runs K workers and the overhead (scheduling,
+    broadcasting the step to the workers, ...) is stored under that TP environment.
 
     Each model (different depths: different numbers of dispatched ops) is profiled where the database
     lacks it, then served by the real in-process engine on a mixed workload; every step's residual
@@ -101,7 +114,7 @@ def calibrate(db: str | None = None, models=CALIBRATION_MODELS, dtype: str = "bf
     from dooly.catalog import resolve
     from dooly.db import LatencyDB
     from dooly.engines.vllm import version
-    from dooly.engines.vllm.engine import record_engine_steps, start_engine
+    from dooly.engines.vllm.engine import record_engine_steps, start_engine, stop_engine
     from dooly.predict import Predictor, predict_step
     from dooly.predict.overhead import overhead_point, store_calibration
     from dooly.profile import Limits, current_environment, default_threads, plan_profile, run_profile
@@ -110,17 +123,20 @@ def calibrate(db: str | None = None, models=CALIBRATION_MODELS, dtype: str = "bf
 
     start = time.perf_counter()
     database = LatencyDB(db)
-    env = current_environment("vllm", version(), dtype, threads or default_threads())
+    tp = tensor_parallel_size
+    env = current_environment("vllm", version(), dtype, threads or default_threads(tp), tp=tp)
     specs = [resolve(m) for m in models]
-    traces = [trace_model(s, dtype=dtype, cache=True) for s in specs]
+    traces = [trace_model(s, dtype=dtype, tp=tp, cache=True) for s in specs]
     plan = plan_profile(traces, env, database.points(env.key), "reduced", Limits())
     run_profile(plan, database)
     workload = synthetic(16, prompt="uniform:8:600", output="uniform:4:48", arrivals="burst", seed=seed)
     rows, residuals = [], []
     for spec, trace in zip(specs, traces):
-        llm = start_engine(spec.config, dtype=dtype)
-        steps = record_engine_steps(llm, workload, spec.config["vocab_size"])
-        del llm
+        llm = start_engine(spec.config, dtype=dtype, tensor_parallel_size=tp)
+        try:
+            steps = record_engine_steps(llm, workload, spec.config["vocab_size"])
+        finally:
+            stop_engine(llm)
         predictor = Predictor(database, env)
         for batch, seconds in steps[2:]:  # the first steps warm the engine up
             ops = predict_step(trace, predictor, batch, overhead=False).us

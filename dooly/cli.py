@@ -168,7 +168,7 @@ def profile(
         eng = get_engine(engine)
         database = LatencyDB(db, create=not dry_run) if not dry_run else _maybe_db(db)
         limits = Limits(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
-        env = current_environment(engine, eng.version(), dtype, threads or default_threads())
+        env = current_environment(engine, eng.version(), dtype, threads or default_threads(tp), tp=tp)
         traces = [trace_model(s, engine=engine, tp=tp, dtype=dtype, attention_backend=attention_backend)
                   for s in specs]
         stored = database.points(env.key) if database else {}
@@ -185,7 +185,7 @@ def profile(
         console.print(table)
         console.print(f"{len(plan_.work)} signatures, {len(missing)} points to measure, "
                       f"{sum(len(w.points) for w in plan_.work) - len(missing)} reused; "
-                      f"{len(plan_.deferred)} signatures not profiled by this stage (collectives, ...); "
+                      f"{len(plan_.deferred)} signatures not profilable by this engine here; "
                       f"estimated {plan_.estimate_s():.0f} s of device time")
         return
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -207,7 +207,7 @@ def profile(
     table.add_row("device-seconds spent", f"{summary.device_s:.1f}")
     table.add_row("without reuse (per-model profiler)", f"{summary.baseline_s:.1f}")
     table.add_row("saved", f"{summary.saved_pct:.1f}%")
-    table.add_row("not profiled by this stage (collectives, ...)", str(summary.deferred))
+    table.add_row("not profilable by this engine here", str(summary.deferred))
     console.print(table)
     for sig, reason in summary.failed.items():
         console.print(f"could not replay {sig[:8]}: {escape(reason)}", highlight=False)
@@ -272,6 +272,7 @@ def simulate(
     enable_prefix_caching: bool = typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching"),
     enable_chunked_prefill: bool = typer.Option(True, "--enable-chunked-prefill/--no-enable-chunked-prefill"),
     num_gpu_blocks: Optional[int] = typer.Option(None, help="KV-cache blocks (default: what the engine gets)"),
+    tensor_parallel_size: int = typer.Option(1, help="TP degree (needs the model profiled with --tp K)"),
     out: Optional[str] = typer.Option(None, help="folder for requests.csv, steps.csv, summary.json (and plots)"),
     plot: bool = typer.Option(False, "--plot", help="with --out: latency CDFs and per-step plots (PNG)"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
@@ -282,7 +283,8 @@ def simulate(
     try:
         res = run(model, workload, db=db, dtype=dtype, max_num_batched_tokens=max_num_batched_tokens,
                   max_num_seqs=max_num_seqs, enable_prefix_caching=enable_prefix_caching,
-                  enable_chunked_prefill=enable_chunked_prefill, num_gpu_blocks=num_gpu_blocks)
+                  enable_chunked_prefill=enable_chunked_prefill, num_gpu_blocks=num_gpu_blocks,
+                  tensor_parallel_size=tensor_parallel_size)
     except DoolyError as e:
         _fail(e)
     if out:
@@ -318,12 +320,14 @@ def calibrate(
     models: str = typer.Option(",".join(("dooly/tiny-llama", "dooly/tiny-llama-deep")),
                                help="comma-separated small models of different depths"),
     dtype: str = typer.Option("bfloat16"),
+    tensor_parallel_size: int = typer.Option(1, help="calibrate the engine running K TP workers"),
 ) -> None:
     """Measure the real engine's per-step overhead here (outside the traced ops) and store it."""
     from dooly.api import calibrate as run
 
     try:
-        samples = run(db, tuple(m for m in models.split(",") if m), dtype)
+        samples = run(db, tuple(m for m in models.split(",") if m), dtype,
+                      tensor_parallel_size=tensor_parallel_size)
     except DoolyError as e:
         _fail(e)
     table = Table("model", "steps", "median measured ms", "median ops ms", "median overhead ms")
@@ -343,6 +347,7 @@ def validate(
     max_num_seqs: int = typer.Option(256),
     enable_prefix_caching: bool = typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching"),
     enable_chunked_prefill: bool = typer.Option(True, "--enable-chunked-prefill/--no-enable-chunked-prefill"),
+    tensor_parallel_size: int = typer.Option(1, help="TP degree: the engine runs one worker per core"),
     repeats: int = typer.Option(3, help="engine runs per workload (after one warm-up); their spread is shown"),
     out: Optional[str] = typer.Option(None, help="folder for the raw measured and predicted data and plots"),
     as_json: bool = typer.Option(False, "--json", help="print the headline errors as JSON"),
@@ -354,6 +359,7 @@ def validate(
         results = run(model, workload, db=db, dtype=dtype, repeats=repeats,
                       max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                       enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill,
+                      tensor_parallel_size=tensor_parallel_size,
                       progress=lambda msg: err.print(f"[dim]{escape(msg)}[/dim]"))
     except DoolyError as e:
         _fail(e)
@@ -405,16 +411,55 @@ def _write_validation(results, out: str) -> None:
         write_plot(v, folder / "predicted_vs_measured.png")
 
 
+QUICK_WORKLOAD = "n=200,prompt=uniform:32:512,output=uniform:16:128,arrivals=poisson:4,seed=0"
+
+
 @app.command()
 def quickstart(
-    model: str = typer.Option("dooly/tiny-llama", help="model whose step is traced and shown"),
-    suite: str = typer.Option("7b", help="catalog suite whose cross-model sharing is shown"),
+    model: str = typer.Option("dooly/tiny-llama", help="the small model to trace, profile and simulate"),
+    sibling: str = typer.Option("dooly/tiny-llama-deep", help="a model of the same family (reuse is shown)"),
+    workload: str = typer.Option(QUICK_WORKLOAD, help="the workload to simulate"),
+    db: Optional[str] = typer.Option(None, "--db", help=_DB_HELP),
+    out: str = typer.Option("dooly-quickstart", help="folder for the simulation's tables and plots"),
 ) -> None:
-    """The main job so far: trace one model's step, then show signature sharing across a suite."""
-    console.rule(f"1. trace {model} on vLLM")
+    """The whole pipeline on the embedded database: trace, profile (with reuse), calibrate, simulate."""
+    import time
+
+    start = time.perf_counter()
+    console.rule(f"1. trace one engine step of {model} (vLLM's own model code, fake weights)")
     trace(model=model, engine="vllm", tp=1, dtype="bfloat16", fmt="table", all_ops=False, attention_backend=None)
-    console.rule(f"2. signatures shared across suite {suite!r}")
-    plan(models=None, suite=suite, engine="vllm", tp=1, dtype="bfloat16", attention_backend=None)
+    console.rule(f"2. profile what the latency database lacks for {model}")
+    profile(models=[model], suite=None, engine="vllm", db=db, dtype="bfloat16", tp=1, max_num_batched_tokens=4096,
+            max_num_seqs=256, grid="reduced", threads=None, dry_run=False, attention_backend=None)
+    console.rule(f"3. profile {sibling}: same family, other depth -> its operations are already measured")
+    profile(models=[sibling], suite=None, engine="vllm", db=db, dtype="bfloat16", tp=1, max_num_batched_tokens=4096,
+            max_num_seqs=256, grid="reduced", threads=None, dry_run=False, attention_backend=None)
+    console.rule("4. the engine's per-step overhead (scheduler, sampling, Python between ops)")
+    if _calibrated(db):
+        console.print("already calibrated in this environment: reused")
+    else:
+        calibrate(db=db, models=f"{model},{sibling}", dtype="bfloat16", tensor_parallel_size=1)
+    console.rule(f"5. simulate serving {model} on vLLM: {workload}")
+    simulate(model=model, workload=workload, db=db, dtype="bfloat16", max_num_batched_tokens=4096, max_num_seqs=256,
+             enable_prefix_caching=True, enable_chunked_prefill=True, num_gpu_blocks=None, tensor_parallel_size=1,
+             out=out, plot=True, as_json=False)
+    console.print(f"plots: {out}/latency_cdfs.png, {out}/steps.png | quickstart took "
+                  f"{time.perf_counter() - start:.0f} s")
+    console.print(f"next: dooly validate {model} --workload '{workload}' (the real engine vs this prediction)")
+
+
+def _calibrated(db) -> bool:
+    from dooly.db import LatencyDB
+    from dooly.engines.vllm import version
+    from dooly.predict import Predictor
+    from dooly.predict.overhead import OVERHEAD_SIG
+    from dooly.profile import current_environment, default_threads
+
+    env = current_environment("vllm", version(), "bfloat16", default_threads())
+    try:
+        return Predictor(LatencyDB(db, create=False), env).model(OVERHEAD_SIG) is not None
+    except DoolyError:
+        return False
 
 
 export_app = typer.Typer(no_args_is_help=True, help="Write dooly's predictions in other simulators' formats.")

@@ -8,7 +8,7 @@ import platform
 from dooly.db.records import Environment
 
 # Bump when the timing method changes: old points then no longer match.
-TIMING_METHOD = "cpu-rotate-llc4x-v1"
+TIMING_METHOD = "cpu-rotate-llc4x-evict-l2-v2"
 _ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8",
               "asimd", "sve")
 # The communicator a tensor-parallel group's collectives run over, per device: vLLM's CPU worker

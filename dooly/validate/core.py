@@ -125,7 +125,7 @@ def compare(workload: str, runs: list, predicted, step_predictor) -> WorkloadVal
 def validate(model: str, workloads: list[str], *, db: str | None = None, dtype: str = "bfloat16", repeats: int = 3,
              max_num_batched_tokens: int = 4096, max_num_seqs: int = 256, enable_prefix_caching: bool = True,
              enable_chunked_prefill: bool = True, kv_cache_gib: int = 1, threads: int | None = None,
-             progress=None, llm=None) -> list[WorkloadValidation]:
+             progress=None, llm=None, tensor_parallel_size: int = 1) -> list[WorkloadValidation]:
     """Serve each workload `repeats` times on the real engine and simulate it; compare (see module doc).
 
     `llm`: an already started engine of this model (`start_engine`) to reuse; the simulator then
@@ -134,7 +134,7 @@ def validate(model: str, workloads: list[str], *, db: str | None = None, dtype: 
     from dooly.catalog import resolve
     from dooly.db import LatencyDB
     from dooly.engines.vllm import version
-    from dooly.engines.vllm.engine import serve, start_engine
+    from dooly.engines.vllm.engine import serve, start_engine, stop_engine
     from dooly.predict import Predictor, StepPredictor
     from dooly.profile import current_environment, default_threads
     from dooly.trace import trace_model
@@ -145,8 +145,9 @@ def validate(model: str, workloads: list[str], *, db: str | None = None, dtype: 
         if value <= 0:
             raise DoolyError(f"{name} must be > 0, got {value}")
     spec = resolve(model)
-    trace = trace_model(spec, dtype=dtype, cache=True)
-    env = current_environment("vllm", version(), dtype, threads or default_threads())
+    tp = tensor_parallel_size
+    trace = trace_model(spec, dtype=dtype, tp=tp, cache=True)
+    env = current_environment("vllm", version(), dtype, threads or default_threads(tp), tp=tp)
     step = StepPredictor(trace, Predictor(LatencyDB(db, create=False), env))  # fails now if data is missing
     vocab = spec.config["vocab_size"]
     max_len = spec.config.get("max_position_embeddings")
@@ -157,7 +158,7 @@ def validate(model: str, workloads: list[str], *, db: str | None = None, dtype: 
     own = llm is None
     if own:
         say(f"starting the engine for {spec.name}")
-        llm = start_engine(spec.config, dtype=dtype, kv_cache_gib=kv_cache_gib, **options)
+        llm = start_engine(spec.config, dtype=dtype, kv_cache_gib=kv_cache_gib, tensor_parallel_size=tp, **options)
     try:
         cfg = llm.llm_engine.vllm_config
         sc = cfg.scheduler_config
@@ -176,9 +177,9 @@ def validate(model: str, workloads: list[str], *, db: str | None = None, dtype: 
                 runs.append(serve(llm, requests, vocab))
             say(f"{spec.name}: {text}: simulating")
             predicted = simulate(model, requests, db=db, dtype=dtype, num_gpu_blocks=num_blocks, threads=threads,
-                                 **options)
+                                 tensor_parallel_size=tp, **options)
             out.append(compare(text, runs, predicted, step))
         return out
     finally:
         if own:
-            del llm
+            stop_engine(llm)

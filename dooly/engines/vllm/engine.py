@@ -39,6 +39,16 @@ def start_engine(config: dict, dtype: str = "bfloat16", kv_cache_gib: int = 1, *
                enforce_eager=True, **engine_kwargs)
 
 
+def stop_engine(llm) -> None:
+    """Shut the engine down now (its TP worker processes included), not whenever it is collected."""
+    import gc
+
+    core = getattr(llm.llm_engine, "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+    gc.collect()
+
+
 def model_runner(llm):
     return llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
 
