@@ -56,8 +56,8 @@ CONFIGS = {
                                max_model_len=1024), 600, 120, {"preempt", "hit"}),
     "preemption, no prefix caching": (dict(block_size=16, num_blocks=48, max_num_batched_tokens=256, max_num_seqs=8,
                                            max_model_len=1024, enable_prefix_caching=False), 600, 120, {"preempt"}),
-    "no chunked prefill": (dict(block_size=16, num_blocks=80, max_num_batched_tokens=1024, max_model_len=1024,
-                                enable_chunked_prefill=False), 700, 100, {"preempt", "hit"}),
+    "no chunked prefill": (dict(block_size=16, num_blocks=160, max_num_batched_tokens=512, max_model_len=512,
+                                enable_chunked_prefill=False), 480, 100, {"preempt", "hit", "capped"}),
     "small max_num_seqs and budget": (dict(block_size=16, num_blocks=200, max_num_batched_tokens=32, max_num_seqs=3,
                                            max_model_len=1024), 500, 60, {"chunk", "hit"}),
     "partial admission, long-prefill cap, watermark": (

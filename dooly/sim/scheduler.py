@@ -158,7 +158,7 @@ class FastScheduler:
         self._finished_unreported = False  # vLLM reports finished ids with the next schedule()
 
     def add(self, request_id: str, prompt_token_ids: list[int], output_tokens: int, arrival_s: float) -> None:
-        self.waiting.append(_Request(request_id, list(prompt_token_ids), output_tokens))
+        self.waiting.append(_Request(request_id, prompt_token_ids, output_tokens))
 
     def has_work(self) -> bool:
         return bool(self.running or self.waiting or self._finished_unreported)
@@ -300,7 +300,7 @@ class FastScheduler:
         """Extend r.hashes to n blocks: hash(previous block's hash, this block's token ids)."""
         bs, prompt, hashes = self.block_size, r.prompt, r.hashes
         p = r.num_prompt
-        prev = hashes[-1] if hashes else None
+        prev = hashes[-1] if hashes else 0
         for i in range(len(hashes), n):
             a, b = i * bs, i * bs + bs
             if b <= p:
