@@ -62,3 +62,31 @@ def test_rank_trace_equals_both_real_ranks(tp2_engine, tp2_trace):
         assert len(real) == len(traced), f"rank {rank}: {len(real)} ops, traced {len(traced)}"
         for i, (t, r) in enumerate(zip(traced, real)):
             assert t == r, f"rank {rank} op {i}: traced {t} != engine {r}"
+
+
+@pytest.fixture(scope="module")
+def profiled_tp2(tmp_path_factory, tp2_trace):
+    """The tiny Llama's TP=2 rank ops and collectives (real 2-process shm group) in a fresh database."""
+    from dooly.db import LatencyDB
+    from dooly.engines.vllm import version
+    from dooly.profile import Limits, current_environment, default_threads, plan_profile, run_profile
+
+    db = LatencyDB(f"sqlite:///{tmp_path_factory.mktemp('tp2') / 'latency.db'}")
+    env = current_environment("vllm", version(), "bfloat16", default_threads(2), tp=2)
+    plan = plan_profile([tp2_trace], env, {}, "reduced", Limits(128, 8))
+    summary = run_profile(plan, db)
+    assert not summary.failed
+    return db, env
+
+
+def test_validate_at_tp2(profiled_tp2, tp2_engine):
+    from dooly.validate import validate
+
+    db, _ = profiled_tp2
+    [v] = validate("dooly/tiny-llama", ["n=3,prompt=uniform:20:120,output=6,arrivals=burst,seed=4"], db=db.url,
+                   repeats=1, llm=tp2_engine, tensor_parallel_size=2)
+    assert v.match_rate == 1.0  # the simulator scheduled exactly the TP=2 engine's batches
+    assert (v.steps["pred_collective_s"] > 0).all()  # every step pays its all-reduces
+    reqs, _ = v.measured[0]
+    assert (reqs["ttft_s"] > 0).all() and len(reqs) == 3
+    assert v.headline()["ttft_mape"] == v.headline()["ttft_mape"]  # a number
