@@ -10,7 +10,11 @@ after a warm-up. Printed per model x workload: per-request TTFT and TPOT MAPE, P
 step-latency MAPE (each measured step vs the prediction for the batch the engine ran), batch
 composition match, and the run-to-run spread of mean TTFT / TPOT; then the per-step residuals by
 step type, with the predicted split, so the part that carries an error is visible.
-Run: .venv/bin/python bench/accuracy.py [--models a,b] [--repeats 3] [--db URL] [--out DIR]
+TP=2 rows: `--tp-models` are also profiled at TP=2 (rank ops + collectives measured with vLLM's
+shared-memory communicator between 2 real processes), the TP=2 overhead is calibrated, and the
+real engine runs 2 workers (one per core) on the concurrent and Poisson workloads; printed with
+the predicted vs measured TP=2/TP=1 speed-up (ratio of mean E2E latency).
+Run: .venv/bin/python bench/accuracy.py [--models a,b] [--tp-models a,b] [--repeats 3] [--db URL] [--out DIR]
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import time
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 MODELS = ("dooly/tiny-llama", "dooly/tiny-qwen2", "dooly/tiny-mistral-sw", "dooly/tiny-mixtral")
+TP_MODELS = ("dooly/tiny-llama", "dooly/tiny-qwen2")
+TP_WORKLOADS = ("8-concurrent", "poisson-queued")
 WORKLOADS = {
     "single": "n=1,prompt=512,output=64,arrivals=burst,seed=0",
     "8-concurrent": "n=8,prompt=uniform:64:512,output=64,arrivals=burst,seed=1",
@@ -42,6 +48,7 @@ def dooly(*args: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--tp-models", default=",".join(TP_MODELS), help="models also validated at TP=2 ('' for none)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--db", default=None, help="reuse a profiled database (default: a fresh temporary one)")
     ap.add_argument("--out", default=None)
@@ -59,26 +66,35 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         url = a.db or f"sqlite:///{tmp}/latency.db"
         t0 = time.perf_counter()
+        tp_models = [m for m in a.tp_models.split(",") if m]
         for m in models:
             dooly("profile", m, "--grid", "reduced", "--db", url)
         dooly("calibrate", "--db", url)
-        print(f"profiled {len(models)} models and calibrated the overhead in {time.perf_counter() - t0:.0f} s")
-        rows, residuals = [], []
-        for m in models:
-            results = validate(m, list(WORKLOADS.values()), db=url, repeats=a.repeats,
+        for m in tp_models:
+            dooly("profile", m, "--grid", "reduced", "--tp", "2", "--db", url)
+        if tp_models:
+            dooly("calibrate", "--db", url, "--tensor-parallel-size", "2")
+        print(f"profiled {len(models)} models (+{len(tp_models)} at TP=2) and calibrated the overhead in "
+              f"{time.perf_counter() - t0:.0f} s")
+        rows, residuals, e2e = [], [], {}
+        runs = [(m, 1, list(WORKLOADS)) for m in models] + [(m, 2, list(TP_WORKLOADS)) for m in tp_models]
+        for m, tp, names in runs:
+            results = validate(m, [WORKLOADS[n] for n in names], db=url, repeats=a.repeats, tensor_parallel_size=tp,
                                progress=lambda msg: print(f"  .. {msg}", file=sys.stderr))
-            for name, v in zip(WORKLOADS, results):
+            for name, v in zip(names, results):
                 h = v.headline()
-                rows.append({"model": m, "workload": name, "TTFT MAPE %": 100 * h["ttft_mape"],
+                mt = v.metrics.set_index(["metric", "stat"])
+                e2e[(m, name, tp)] = (mt.loc[("e2e_s", "mean"), "measured"], mt.loc[("e2e_s", "mean"), "predicted"])
+                rows.append({"model": m, "tp": tp, "workload": name, "TTFT MAPE %": 100 * h["ttft_mape"],
                              "TPOT MAPE %": 100 * h["tpot_mape"], "P99 TTFT err %": 100 * h["p99_ttft_err"],
                              "step MAPE %": 100 * h["step_mape"], "batch match %": 100 * h["match_rate"],
                              "spread TTFT %": 100 * h["spread_ttft"], "spread TPOT %": 100 * h["spread_tpot"]})
                 for _, r in v.step_types.iterrows():
-                    residuals.append({"model": m, "workload": name, **r.to_dict()})
+                    residuals.append({"model": m, "tp": tp, "workload": name, **r.to_dict()})
                 if a.out:
                     from dooly.cli import _write_validation
 
-                    _write_validation([v], os.path.join(a.out, m.replace("/", "__"), name))
+                    _write_validation([v], os.path.join(a.out, m.replace("/", "__"), f"tp{tp}-{name}"))
     table = pd.DataFrame(rows)
     print("\naccuracy vs the real engine (per-request MAPE; spread = (max - min) / median over runs)")
     print(table.round(1).to_string(index=False))
@@ -88,9 +104,15 @@ def main() -> None:
     print("\nper-step residuals by step type (signed error = (predicted - measured) / measured; "
           "predicted split in ms)")
     res = pd.DataFrame(residuals)
-    cols = [c for c in ("model", "workload", "type", "steps", "measured_ms", "predicted_ms", "mape",
-                        "mean_signed_err", "stateless_ms", "stateful_ms", "overhead_ms") if c in res]
+    cols = [c for c in ("model", "tp", "workload", "type", "steps", "measured_ms", "predicted_ms", "mape",
+                        "mean_signed_err", "stateless_ms", "stateful_ms", "collective_ms", "overhead_ms") if c in res]
     print(res[cols].round(3).to_string(index=False))
+    speed = [{"model": m, "workload": n, "measured TP2/TP1 speed-up": e2e[(m, n, 1)][0] / e2e[(m, n, 2)][0],
+              "predicted TP2/TP1 speed-up": e2e[(m, n, 1)][1] / e2e[(m, n, 2)][1]}
+             for (m, n, tp) in e2e if tp == 2 and (m, n, 1) in e2e]
+    if speed:
+        print("\nTP=2 speed-up over TP=1 (mean E2E latency ratio, > 1 = TP=2 faster)")
+        print(pd.DataFrame(speed).round(3).to_string(index=False))
 
 
 if __name__ == "__main__":
