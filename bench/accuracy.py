@@ -30,7 +30,7 @@ import time
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 MODELS = ("dooly/tiny-llama", "dooly/tiny-qwen2", "dooly/tiny-mistral-sw", "dooly/tiny-mixtral")
-TP_MODELS = ("dooly/tiny-llama", "dooly/tiny-qwen2")
+TP_MODELS = ("dooly/tiny-llama", "dooly/tiny-mistral-sw")  # tiny-qwen2 has 7 heads: no TP=2
 TP_WORKLOADS = ("8-concurrent", "poisson-queued")
 WORKLOADS = {
     "single": "n=1,prompt=512,output=64,arrivals=burst,seed=0",
