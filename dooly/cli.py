@@ -31,7 +31,8 @@ def _trace(model: str, engine: str, tp: int, dtype: str, attention_backend: str 
     return trace_model(resolve(model), engine=engine, tp=tp, dtype=dtype, attention_backend=attention_backend)
 
 
-_BACKEND_HELP = "attention backend (vllm: CPU_ATTN here; hf: sdpa | eager); default: the engine's choice"
+_BACKEND_HELP = ("attention backend (vllm: CPU_ATTN here, FLASH_ATTN | FLASHINFER | TRITON_ATTN on GPUs; "
+                 "hf: sdpa | eager | flex_attention | paged|sdpa | paged|eager); default: the engine's choice")
 
 
 @app.command()
@@ -499,6 +500,144 @@ def export_vidur(
     console.print(f"wrote {res.folder} (manifest.json, README.md); run Vidur (PyPI vidur=={m['vidur']['version']}) "
                   f"with workload flags in place of WORKLOAD_FLAGS:", highlight=False)
     sys.stdout.write(res.command + "\n")
+
+
+_SLO_HELP = "targets METRIC_STAT=VALUE joined by commas (ttft|tpot|itl|e2e x mean|p50|p90|p99, ms|s), " \
+            "e.g. ttft_p99=500ms,tpot_p99=50ms"
+_GRID_HELP = "engine option NAME=V1,V2 as vLLM spells it (max_num_seqs, max_num_batched_tokens, " \
+             "enable_chunked_prefill, enable_prefix_caching, attention_backend, dtype, tensor_parallel_size); " \
+             "repeatable; default: max_num_seqs=64,128,256 x max_num_batched_tokens=1024,2048,4096"
+_SEARCH_WORKLOAD_HELP = "a workload file or synthetic spec (as for simulate): its request lengths are served, " \
+                        "its arrivals replaced by seeded Poisson arrivals at each rate tried"
+EXIT_NO_CONFIGURATION = 3  # `dooly search` / `dooly capacity`: no configuration meets the SLO
+
+
+def _run_search(models, workload, slo, grid, db, requests, rate_min, rate_max, tolerance, seed, ray_address,
+                no_ray):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from dooly.search import search as run
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as bar:
+        task = bar.add_task("configurations", total=None)
+        return run(models, workload, slo, grid or None, db=db, requests=requests, rate_min=rate_min,
+                   rate_max=rate_max, tolerance=tolerance, seed=seed, use_ray=False if no_ray else None,
+                   ray_address=ray_address, progress=lambda done, total: bar.update(task, completed=done, total=total))
+
+
+def _ms(v) -> str:
+    return f"{1e3 * v:.1f}" if v == v else ""
+
+
+@app.command("search")
+def search_configurations(
+    models: list[str] = typer.Argument(..., help="models (HF ids from the catalog or config paths)"),
+    workload: str = typer.Option(..., help=_SEARCH_WORKLOAD_HELP),
+    slo: str = typer.Option(..., help=_SLO_HELP),
+    grid: Optional[list[str]] = typer.Option(None, "--grid", help=_GRID_HELP),
+    db: Optional[str] = typer.Option(None, "--db", help=_DB_HELP),
+    requests: Optional[int] = typer.Option(None, help="serve only the workload's first N requests"),
+    rate_min: float = typer.Option(0.05, help="lowest request rate tried (requests/s)"),
+    rate_max: float = typer.Option(1000.0, help="highest request rate tried (requests/s)"),
+    tolerance: float = typer.Option(0.05, help="goodput resolution: neighbouring rates tried differ by this ratio"),
+    seed: int = typer.Option(0, help="seed of the Poisson arrivals"),
+    ray_address: Optional[str] = typer.Option(None, help="run on this Ray cluster (HOST:PORT, ray://..., auto)"),
+    no_ray: bool = typer.Option(False, "--no-ray", help="run in this process (default: a local Ray instance "
+                                                         "when Ray is installed)"),
+    top: int = typer.Option(20, help="table rows shown (every row goes to --out / --json)"),
+    out: Optional[str] = typer.Option(None, help="folder for configs.csv, rates.csv, search.json (and pareto.png)"),
+    plot: bool = typer.Option(False, "--plot", help="with --out: Pareto plot, goodput per device vs latency"),
+    as_json: bool = typer.Option(False, "--json", help="print the configurations (best first) as JSON"),
+) -> None:
+    """Goodput of every configuration (model x engine options): the highest request rate meeting the SLO.
+
+    Exit status: 0 when some configuration meets the SLO, 3 when none does, 2 on an error."""
+    from dooly.search.core import write_outputs
+
+    try:
+        res = _run_search(models, workload, slo, grid, db, requests, rate_min, rate_max, tolerance, seed,
+                          ray_address, no_ray)
+    except DoolyError as e:
+        _fail(e)
+    if out:
+        write_outputs(res, out, plot)
+    best = res.best
+    if as_json:
+        doc = {"slo": str(res.slo), "best": None if best is None else best["config"],
+               "configs": json.loads(res.configs.to_json(orient="records"))}
+        sys.stdout.write(json.dumps(doc) + "\n")
+    else:
+        stats = [f"{t.name}_s" for t in res.slo.targets]
+        table = Table("#", "configuration", "status", "goodput req/s", "per device", *[f"{s[:-2]} ms" for s in stats],
+                      "rates tried", title=f"SLO {res.slo}: {len(res.configs)} configurations, best first")
+        for i, r in res.configs.head(top).iterrows():
+            table.add_row(str(i + 1), escape(r["config"]), r["status"], f"{r['goodput_rps']:.3g}",
+                          f"{r['goodput_per_device_rps']:.3g}", *[_ms(r[s]) for s in stats], str(r["simulations"]))
+        console.print(table)
+        counts = res.configs["status"].value_counts()
+        console.print(", ".join(f"{n} {s}" for s, n in counts.items()) + f" | {res.simulated} simulations run for "
+                      f"{len(res.rates)} rates tried | {res.seconds:.1f} s, {res.ran_on}", highlight=False)
+        for cmd in dict.fromkeys(res.configs.loc[res.configs["status"] == "missing", "reason"]):
+            console.print(f"missing data; fill it with: {cmd}", highlight=False, soft_wrap=True)
+        if out:
+            console.print(f"wrote {out}/configs.csv, rates.csv, search.json" + (", pareto.png" if plot else ""))
+    if best is None:
+        if not as_json:
+            err.print(f"no configuration meets the SLO {res.slo}", highlight=False)
+        raise typer.Exit(EXIT_NO_CONFIGURATION)
+
+
+@app.command()
+def capacity(
+    model: str = typer.Argument(..., help="HF id from the catalog, or a path to config.json / its folder"),
+    rate: float = typer.Option(..., help="request rate to serve (requests/s)"),
+    workload: str = typer.Option(..., help=_SEARCH_WORKLOAD_HELP),
+    slo: str = typer.Option(..., help=_SLO_HELP),
+    grid: Optional[list[str]] = typer.Option(None, "--grid", help=_GRID_HELP),
+    db: Optional[str] = typer.Option(None, "--db", help=_DB_HELP),
+    requests: Optional[int] = typer.Option(None, help="serve only the workload's first N requests"),
+    rate_min: float = typer.Option(0.05, help="lowest request rate tried (requests/s)"),
+    rate_max: float = typer.Option(1000.0, help="highest request rate tried (requests/s)"),
+    tolerance: float = typer.Option(0.05, help="goodput resolution: neighbouring rates tried differ by this ratio"),
+    seed: int = typer.Option(0, help="seed of the Poisson arrivals"),
+    ray_address: Optional[str] = typer.Option(None, help="run on this Ray cluster (HOST:PORT, ray://..., auto)"),
+    no_ray: bool = typer.Option(False, "--no-ray", help="run in this process"),
+    as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
+) -> None:
+    """Replicas and devices to serve RATE under the SLO, with the configuration of most goodput per device.
+
+    Exit status: 0 with a plan, 3 when no configuration meets the SLO, 2 on an error."""
+    from dooly.search.core import plan_capacity
+
+    try:
+        if not rate > 0:
+            raise DoolyError(f"--rate must be > 0 requests/s, got {rate}")
+        res = _run_search([model], workload, slo, grid, db, requests, rate_min, rate_max, tolerance, seed,
+                          ray_address, no_ray)
+        plan = plan_capacity(res, rate)
+    except DoolyError as e:
+        _fail(e)
+    if plan is None:
+        if as_json:
+            sys.stdout.write(json.dumps({"slo": str(res.slo), "rate_rps": rate, "plan": None}) + "\n")
+        else:
+            err.print(f"no configuration of {model} meets the SLO {res.slo}", highlight=False)
+        raise typer.Exit(EXIT_NO_CONFIGURATION)
+    if as_json:
+        sys.stdout.write(json.dumps({"slo": str(res.slo), **json.loads(plan.to_json(orient="records"))[0]}) + "\n")
+        return
+    p = plan.iloc[0]
+    at_least = "at least " if p["goodput_is_lower_bound"] else ""
+    table = Table("", "value", title=f"{model} at {rate:g} requests/s under {res.slo}")
+    table.add_row("configuration", escape(p["config"]))
+    table.add_row("goodput per replica", f"{at_least}{p['goodput_rps']:.3g} requests/s "
+                                         f"(tensor_parallel_size={p['tensor_parallel_size']})")
+    table.add_row("replicas", f"{p['replicas']} = ceil({rate:g} / {p['goodput_rps']:.3g})")
+    table.add_row("devices", f"{p['devices']} = {p['replicas']} x {p['tensor_parallel_size']}")
+    table.add_row("margin", f"{100 * p['margin']:.1f}% (replicas x goodput / rate - 1)")
+    console.print(table)
+    console.print(f"{len(res.configs)} configurations searched in {res.seconds:.1f} s, {res.ran_on}", highlight=False)
 
 
 def main() -> None:
