@@ -160,8 +160,11 @@ def test_bad_configs(tmp_path):
     cfg = json.loads(json.dumps(resolve("dooly/tiny-llama").config))
     cfg["model_type"], cfg["architectures"] = "bogus_arch", ["BogusForCausalLM"]
     (tmp_path / "arch.json").write_text(json.dumps(cfg))
+    eos = json.loads(json.dumps(resolve("dooly/tiny-llama").config))
+    eos["eos_token_id"] = eos["vocab_size"] + 5  # the engine would index the logits with it
+    (tmp_path / "eos.json").write_text(json.dumps(eos))
     for name, message in (("broken.json", "malformed JSON"), ("incomplete.json", "missing"),
-                          ("arch.json", "")):
+                          ("arch.json", ""), ("eos.json", "outside the vocabulary")):
         r = _cli("trace", str(tmp_path / name))
         assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
         assert message in r.stderr

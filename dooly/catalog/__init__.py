@@ -63,6 +63,12 @@ def _validate(config: dict, where: str) -> None:
     if not isinstance(kv, int) or kv <= 0 or heads % kv:
         raise DoolyError(f"{where}: num_key_value_heads={kv!r} must be a positive divisor of "
                          f"num_attention_heads={heads}")
+    for key in ("bos_token_id", "eos_token_id"):  # the engine masks these ids in the logits
+        ids = config.get(key)
+        ids = ids if isinstance(ids, list) else [ids]
+        bad = [i for i in ids if isinstance(i, int) and not 0 <= i < config["vocab_size"]]
+        if bad:
+            raise DoolyError(f"{where}: {key}={bad[0]} is outside the vocabulary (vocab_size={config['vocab_size']})")
 
 
 def _read_json(path: Path) -> dict:
