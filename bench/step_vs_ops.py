@@ -7,9 +7,11 @@ For one small real model (default Qwen/Qwen2.5-0.5B, random weights), per availa
   Predicted: the model is profiled (`dooly profile`, reduced grid) into a fresh database, and the
   step's latency is predicted from it (`predict_step`: every op's regressor at the step's
   num_tokens / num_reqs, attention at the step's batch composition, times its count per step).
-- hf / sdpa and eager: the HF model's forward for a prefill (batch 1, N tokens) and a decode step
+- hf / sdpa, eager and flex_attention: the HF model's forward for a prefill (batch 1, N tokens) and a decode step
   (B sequences, one new token over a KV cache of N tokens), under no_grad as generate() runs it;
   predicted: every op of the traced phase from the database (attention is plain aten ops there).
+(The paged variant, paged|sdpa / paged|eager, runs under transformers' continuous-batching manager,
+not a plain forward; its ops are profiled and tested, but no whole-step row is printed here.)
 Printed per backend and step: measured, predicted, ratio; for vLLM also the stateless-only ratio
 (vs forward minus attention) and attention's measured vs predicted time, so each part's error shows.
 Run: .venv/bin/python bench/step_vs_ops.py [MODEL] [PREFILL_TOKENS] [DECODE_BATCH]
@@ -161,8 +163,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{tmp}/latency.db"
         vllm_rows(spec, n_tok, batch, url)
-        for backend in ("sdpa", "eager"):
-            hf_rows(spec, backend, n_tok, batch, url)
+        for backend in ("sdpa", "eager", "flex_attention"):
+            try:
+                hf_rows(spec, backend, n_tok, batch, url)
+            except Exception as e:  # one backend failing must not hide the others' rows
+                print(f"hf/{backend:10s} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
 
 if __name__ == "__main__":
