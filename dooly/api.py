@@ -114,8 +114,8 @@ def calibrate(db: str | None = None, models=CALIBRATION_MODELS, dtype: str = "bf
     from dooly.catalog import resolve
     from dooly.db import LatencyDB
     from dooly.engines.vllm import version
-    from dooly.engines.vllm.engine import record_engine_steps, start_engine, stop_engine
-    from dooly.predict import Predictor, predict_step
+    from dooly.engines.vllm.engine import serve, start_engine, stop_engine
+    from dooly.predict import Predictor, StepPredictor
     from dooly.predict.overhead import overhead_point, store_calibration
     from dooly.profile import Limits, current_environment, default_threads, plan_profile, run_profile
     from dooly.sim.workload import synthetic
@@ -129,20 +129,46 @@ def calibrate(db: str | None = None, models=CALIBRATION_MODELS, dtype: str = "bf
     traces = [trace_model(s, dtype=dtype, tp=tp, cache=True) for s in specs]
     plan = plan_profile(traces, env, database.points(env.key), "reduced", Limits())
     run_profile(plan, database)
-    workload = synthetic(16, prompt="uniform:8:600", output="uniform:4:48", arrivals="burst", seed=seed)
+    # served as requests arrive (prefill, mixed and decode steps of many sizes), after a warm-up
+    workload = synthetic(48, prompt="uniform:8:600", output="uniform:4:64", arrivals="poisson:12", seed=seed)
+    warmup = synthetic(8, prompt="uniform:16:300", output="uniform:4:24", arrivals="burst", seed=seed + 1)
     rows, residuals = [], []
     for spec, trace in zip(specs, traces):
+        vocab = spec.config["vocab_size"]
         llm = start_engine(spec.config, dtype=dtype, tensor_parallel_size=tp)
         try:
-            steps = record_engine_steps(llm, workload, spec.config["vocab_size"])
+            serve(llm, warmup, vocab)
+            steps = []
+            for _ in range(2):
+                llm.reset_prefix_cache()
+                steps += serve(llm, workload, vocab)[1]
         finally:
             stop_engine(llm)
-        predictor = Predictor(database, env)
-        for batch, seconds in steps[2:]:  # the first steps warm the engine up
-            ops = predict_step(trace, predictor, batch, overhead=False).us
-            point = overhead_point(trace, batch)
+        step_ops = StepPredictor(trace, Predictor(database, env), overhead=False)
+        for s in steps:
+            seconds = s.end_s - s.start_s
+            ops = step_ops(s.batch).us
+            point = overhead_point(trace, s.batch)
             residuals.append((point, seconds * 1e6 - ops))
             rows.append({"model": spec.name, **point, "measured_us": seconds * 1e6, "ops_us": ops,
                          "overhead_us": seconds * 1e6 - ops})
     store_calibration(database, env.key, residuals, time.perf_counter() - start)
     return pd.DataFrame(rows)
+
+
+def search(models, workload, slo, grid=None, **kwargs):
+    """Goodput of every model x engine-option configuration under an SLO (`dooly.search.search`).
+
+    Returns a `SearchResult`: `.configs` (one row per configuration, best first) and `.rates` (one row
+    per simulated rate), pandas DataFrames."""
+    from dooly.search import search as run
+
+    return run(models, workload, slo, grid, **kwargs)
+
+
+def capacity(model: str, rate: float, workload, slo, grid=None, **kwargs):
+    """(plan, search): replicas and devices serving `rate` requests/s with the configuration of most
+    goodput per device (`dooly.search.capacity`); raises `dooly.search.NoConfiguration` if none meets the SLO."""
+    from dooly.search import capacity as run
+
+    return run(model, rate, workload, slo, grid, **kwargs)

@@ -157,6 +157,11 @@ class Linear:
         out = any(point.get(k, 0) < self.lo.get(k, 0) or point.get(k, 0) > self.hi.get(k, 0) for k in point)
         return self.predict_features(FEATURES[self.features](point), out)
 
+    def smooth(self, point: dict[str, int]) -> Prediction:
+        """The fitted surface at `point`, even where a measurement exists (for noisy residual data)."""
+        out = any(point.get(k, 0) < self.lo.get(k, 0) or point.get(k, 0) > self.hi.get(k, 0) for k in point)
+        return self.predict_features(FEATURES[self.features](point), out)
+
     def predict_features(self, features: list[float], extrapolated: bool) -> Prediction:
         """Prediction for a feature vector (e.g. `attention_work` of an arbitrary batch)."""
         y = float(np.dot(features, self.weights))

@@ -97,7 +97,8 @@ class StepPredictor:
         if self._overhead is not None:
             from dooly.predict.overhead import overhead_point
 
-            p = self._overhead.predict(overhead_point(self.trace, batch))
+            # always the fitted surface: per-point medians of the residual are single noisy steps
+            p = self._overhead.smooth(overhead_point(self.trace, batch))
             by_kind["overhead"] = p.us
             var += p.uncertainty_us ** 2
         out = (by_kind, var, extrapolated)
