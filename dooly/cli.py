@@ -572,8 +572,8 @@ def search_configurations(
         table = Table("#", "configuration", "status", "goodput req/s", "per device", *[f"{s[:-2]} ms" for s in stats],
                       "rates tried", title=f"SLO {res.slo}: {len(res.configs)} configurations, best first")
         for i, r in res.configs.head(top).iterrows():
-            table.add_row(str(i + 1), escape(r["config"]), r["status"], f"{r['goodput_rps']:.3g}",
-                          f"{r['goodput_per_device_rps']:.3g}", *[_ms(r[s]) for s in stats], str(r["simulations"]))
+            table.add_row(str(i + 1), escape(r["config"]), r["status"], f"{r['goodput_rps']:.4g}",
+                          f"{r['goodput_per_device_rps']:.4g}", *[_ms(r[s]) for s in stats], str(r["simulations"]))
         console.print(table)
         counts = res.configs["status"].value_counts()
         console.print(", ".join(f"{n} {s}" for s, n in counts.items()) + f" | {res.simulated} simulations run for "
@@ -631,9 +631,9 @@ def capacity(
     at_least = "at least " if p["goodput_is_lower_bound"] else ""
     table = Table("", "value", title=f"{model} at {rate:g} requests/s under {res.slo}")
     table.add_row("configuration", escape(p["config"]))
-    table.add_row("goodput per replica", f"{at_least}{p['goodput_rps']:.3g} requests/s "
+    table.add_row("goodput per replica", f"{at_least}{p['goodput_rps']:.4g} requests/s "
                                          f"(tensor_parallel_size={p['tensor_parallel_size']})")
-    table.add_row("replicas", f"{p['replicas']} = ceil({rate:g} / {p['goodput_rps']:.3g})")
+    table.add_row("replicas", f"{p['replicas']} = ceil({rate:g} / {p['goodput_rps']:.4g})")
     table.add_row("devices", f"{p['devices']} = {p['replicas']} x {p['tensor_parallel_size']}")
     table.add_row("margin", f"{100 * p['margin']:.1f}% (replicas x goodput / rate - 1)")
     console.print(table)

@@ -1,0 +1,264 @@
+"""Engine-option grids: `--grid name=v1,v2` parsed and validated, expanded into configurations.
+
+Options are spelled as vLLM spells its engine arguments (`max_num_seqs`, or `max-num-seqs` as on
+vLLM's command line). A configuration is one model with one value of every option; options the grid
+does not name keep `Configuration`'s defaults (those of `dooly simulate`).
+
+Validation happens before any simulation: each value on its own (type and range, the dtype, an
+attention backend the engine offers here, a tensor-parallel degree dividing the model's heads), then
+every combination through vLLM's own config checks (`scheduler_settings`, cached on disk). A
+combination vLLM rejects is kept as "rejected" with vLLM's reason unless one value is rejected in
+every combination it is part of: that value is the error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from dooly.errors import DoolyError
+
+
+@dataclass(frozen=True)
+class Configuration:
+    model: str  # catalog id or config path, as given
+    dtype: str = "bfloat16"
+    tensor_parallel_size: int = 1
+    attention_backend: str | None = None  # None: the engine's choice
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 4096
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+
+    @property
+    def key(self) -> str:
+        """A readable, unique name: the model and every option that differs from its default."""
+        parts = [self.model]
+        for f in dataclasses.fields(self)[1:]:
+            value = getattr(self, f.name)
+            if value != f.default:
+                parts.append(f"{f.name}={_text(value)}")
+        return " ".join(parts)
+
+    @property
+    def devices(self) -> int:
+        return self.tensor_parallel_size
+
+    @property
+    def trace_key(self) -> tuple:
+        """What the traced step (and so its step predictor) depends on."""
+        return (self.model, self.dtype, self.tensor_parallel_size, self.attention_backend)
+
+    def engine_kwargs(self) -> dict:
+        """Scheduler options as vLLM's EngineArgs take them (for `FastScheduler` / `scheduler_settings`)."""
+        kw = {"max_num_seqs": self.max_num_seqs, "max_num_batched_tokens": self.max_num_batched_tokens,
+              "enable_chunked_prefill": self.enable_chunked_prefill,
+              "enable_prefix_caching": self.enable_prefix_caching}
+        if self.tensor_parallel_size > 1:
+            kw["tp"] = self.tensor_parallel_size
+        if self.attention_backend is not None:
+            kw["attention_backend"] = self.attention_backend
+        return kw
+
+    def options(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)[1:]}
+
+
+def _text(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _positive_int(name: str, text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise DoolyError(f"bad grid value {name}={text}: not an integer") from None
+    if value <= 0:
+        raise DoolyError(f"bad grid value {name}={text}: must be > 0")
+    return value
+
+
+def _bool(name: str, text: str) -> bool:
+    low = text.lower()
+    if low not in ("true", "false"):
+        raise DoolyError(f"bad grid value {name}={text}: use true or false")
+    return low == "true"
+
+
+def _dtype(name: str, text: str) -> str:
+    from dooly.trace import DTYPES
+
+    if text not in DTYPES:
+        raise DoolyError(f"bad grid value {name}={text}: dtypes are {', '.join(DTYPES)}")
+    return text
+
+
+def _backend(name: str, text: str) -> str:
+    from dooly.engines import get_engine
+
+    available = get_engine("vllm").attention_backends()
+    if text not in available:
+        raise DoolyError(f"bad grid value {name}={text}: the engine offers {', '.join(available)} here")
+    return text
+
+
+# option -> parser of one value (raises DoolyError naming the option and value)
+PARSERS = {
+    "max_num_seqs": _positive_int,
+    "max_num_batched_tokens": _positive_int,
+    "enable_chunked_prefill": _bool,
+    "enable_prefix_caching": _bool,
+    "attention_backend": _backend,
+    "dtype": _dtype,
+    "tensor_parallel_size": _positive_int,
+}
+assert set(PARSERS) == {f.name for f in dataclasses.fields(Configuration)[1:]}
+
+# The grid `dooly search` / `dooly capacity` use when none is given: the two scheduler limits.
+DEFAULT_GRID = {"max_num_seqs": (64, 128, 256), "max_num_batched_tokens": (1024, 2048, 4096)}
+
+
+def parse_grid(items) -> dict[str, tuple]:
+    """["max_num_seqs=8,16", "enable_chunked_prefill=true,false"] -> {option: values}, in the order given."""
+    grid: dict[str, tuple] = {}
+    for item in items or []:
+        name, eq, values = item.partition("=")
+        name = name.strip().removeprefix("--").replace("-", "_")
+        if not eq:
+            raise DoolyError(f"bad grid {item!r}: use NAME=V1,V2,... (options: {', '.join(PARSERS)})")
+        if name not in PARSERS:
+            raise DoolyError(f"bad grid {item!r}: unknown option {name!r}; options: {', '.join(PARSERS)}")
+        if name in grid:
+            raise DoolyError(f"bad grid {item!r}: {name} is given twice")
+        texts = [v.strip() for v in values.split(",")]
+        if not all(texts):
+            raise DoolyError(f"bad grid {item!r}: an empty value")
+        parsed = tuple(PARSERS[name](name, t) for t in texts)
+        if len(set(parsed)) != len(parsed):
+            raise DoolyError(f"bad grid {item!r}: a value is repeated")
+        grid[name] = parsed
+    return grid
+
+
+def configurations(models, grid: dict) -> list[Configuration]:
+    """Every model x combination of the grid's values, in a fixed order (models, then options as given)."""
+    from dooly.catalog import resolve
+
+    names = list(grid)
+    out = []
+    for model in models:
+        spec = resolve(model)
+        if "tensor_parallel_size" in grid:
+            _check_tp(spec, grid["tensor_parallel_size"])
+        for values in itertools.product(*(grid[n] for n in names)):
+            out.append(Configuration(model, **dict(zip(names, values))))
+    if not out:
+        raise DoolyError("no configurations: give at least one model")
+    return out
+
+
+def _check_tp(spec, degrees) -> None:
+    c = spec.config
+    heads = {"num_attention_heads": c["num_attention_heads"],
+             "num_key_value_heads": c.get("num_key_value_heads") or c["num_attention_heads"]}
+    for tp in degrees:
+        for key, value in heads.items():
+            if value % tp:
+                raise DoolyError(f"bad grid value tensor_parallel_size={tp}: it does not divide "
+                                 f"{key}={value} of {spec.name}")
+
+
+def engine_check(configs: list[Configuration], grid: dict) -> dict[str, str]:
+    """vLLM's verdict on every combination: {configuration key: reason} for those it rejects.
+
+    Raises DoolyError when a value of the grid is rejected in every combination it appears in."""
+    from dooly.catalog import resolve
+    from dooly.sim.scheduler import scheduler_settings
+
+    rejected: dict[str, str] = {}
+    specs = {}
+    verdicts = _Rejections()
+    for c in configs:
+        spec = specs.get(c.model) or specs.setdefault(c.model, resolve(c.model))
+        known = verdicts.get(spec.config, c)
+        if known is not None:
+            rejected[c.key] = known
+            continue
+        try:
+            st = scheduler_settings(spec.config, c.dtype, **c.engine_kwargs())
+        except DoolyError as e:
+            rejected[c.key] = vllm_reason(e)
+            verdicts.put(spec.config, c, rejected[c.key])
+            continue
+        if st["unsupported"]:
+            rejected[c.key] = f"the simulator does not model {', '.join(st['unsupported'])}"
+    if not rejected:
+        return rejected
+    for name, values in grid.items():
+        for value in values:
+            mine = [c for c in configs if getattr(c, name) == value]
+            if mine and all(c.key in rejected for c in mine):
+                raise DoolyError(f"bad grid value {name}={_text(value)}: vLLM rejects every configuration "
+                                 f"with it, e.g. {mine[0].key}: {rejected[mine[0].key]}")
+    if len(rejected) == len(configs):
+        first = configs[0]
+        raise DoolyError(f"vLLM rejects every configuration, e.g. {first.key}: {rejected[first.key]}")
+    return rejected
+
+
+def vllm_reason(e: DoolyError) -> str:
+    """The useful line of vLLM's config error (pydantic's message, not its footer)."""
+    cause = e.__cause__ or e.__context__
+    if cause is None:
+        return str(e)
+    errors = getattr(cause, "errors", None)
+    if callable(errors):
+        try:
+            parts = [f"{'.'.join(map(str, x['loc'])) + ': ' if x.get('loc') else ''}{x['msg']}" for x in errors()]
+            return "; ".join(parts).removeprefix("Value error, ")
+        except Exception:  # noqa: BLE001 - not pydantic's shape after all: fall back to the text
+            pass
+    lines = [line.strip() for line in str(cause).splitlines()
+             if line.strip() and not line.strip().startswith("For further information")]
+    return lines[-1] if lines else type(cause).__name__
+
+
+class _Rejections:
+    """vLLM's rejections, cached as JSON beside `scheduler_settings`' cache (which keeps only the
+    accepted settings): a rejected combination costs vLLM's import and config checks (seconds) once.
+    The key hashes what the verdict depends on: model config, dtype, options, vLLM's version and the
+    code that builds the config."""
+
+    def __init__(self):
+        from dooly.engines.vllm import version
+        from dooly.trace.cache import cache_dir
+
+        root = Path(__file__).resolve().parent.parent
+        self.code = [version(), *(f.read_text() for f in (root / "sim" / "scheduler.py",
+                                                           root / "engines" / "vllm" / "setup.py"))]
+        self.folder = cache_dir().parent / "schedulers-rejected"
+
+    def _path(self, config: dict, c: Configuration) -> Path:
+        text = json.dumps([config, c.dtype, c.engine_kwargs(), self.code], sort_keys=True, default=str)
+        return self.folder / f"{hashlib.sha1(text.encode()).hexdigest()}.json"
+
+    def get(self, config: dict, c: Configuration) -> str | None:
+        try:
+            return json.loads(self._path(config, c).read_text())["reason"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def put(self, config: dict, c: Configuration, reason: str) -> None:
+        path = self._path(config, c)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"reason": reason}))
+            tmp.replace(path)
+        except OSError:
+            pass
