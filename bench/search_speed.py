@@ -26,6 +26,28 @@ GRID = [f"max_num_seqs={','.join(map(str, SEQS))}", f"max_num_batched_tokens={',
         "enable_prefix_caching=true,false"]  # 25 x 20 x 2 = 1,000
 
 
+def _import_dooly() -> None:
+    import dooly.predict  # noqa: F401 - what a search worker imports
+    import dooly.search.sweep  # noqa: F401
+    import dooly.trace  # noqa: F401
+
+
+def _ray_startup() -> float:
+    import logging
+
+    import ray
+
+    from dooly.search.fanout import usable_cores
+
+    t0 = time.perf_counter()
+    ray.init(num_cpus=usable_cores(), include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    task = ray.remote(num_cpus=1)(_import_dooly)
+    ray.get([task.remote() for _ in range(usable_cores())])
+    seconds = time.perf_counter() - t0
+    ray.shutdown()
+    return seconds
+
+
 def main() -> None:
     model = sys.argv[1] if len(sys.argv) > 1 else "dooly/tiny-llama"
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
@@ -49,6 +71,7 @@ def main() -> None:
         print(f"{len(configs)} configurations ({len(rejected)} rejected by vLLM); vLLM config checks "
               f"{time.perf_counter() - t0:.1f} s (cached on disk for later runs)")
         print(f"workload {WORKLOAD} | SLO {SLO}")
+        print(f"Ray start-up alone (local instance, every worker importing dooly): {_ray_startup():.1f} s")
         results = {}
         for label, use_ray in (("without Ray", False), ("with Ray", True)):
             t0, c0 = time.perf_counter(), time.process_time()
