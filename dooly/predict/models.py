@@ -137,7 +137,9 @@ class Linear:
         if weights is None:
             X = np.array([FEATURES[features](p) for p in points])
             # relative error matters: weight each point by 1/|y| (floored, residual fits may cross 0)
-            scale = np.maximum(np.abs(self.ys), 1e-3 * float(np.abs(self.ys).max()) + 1e-9)
+            # (an overhead residual is a difference of two step times and crosses 0: floor at its median)
+            floor = float(np.median(np.abs(self.ys))) if features == "overhead" else 1e-3 * float(np.abs(self.ys).max())
+            scale = np.maximum(np.abs(self.ys), floor + 1e-9)
             weights, _ = nnls(X / scale[:, None], self.ys / scale)
             fit = X @ weights
             rel_rms = float(np.sqrt(np.mean(((fit - self.ys) / scale) ** 2)))

@@ -14,6 +14,9 @@ from dooly.errors import DoolyError
 from dooly.predict.models import Linear, Prediction, attention_work, fit, from_json
 
 
+FIT_VERSION = 2  # bump when fitting changes: stored fits of the same data are then redone
+
+
 class Predictor:
     def __init__(self, db: LatencyDB, env: Environment):
         self.db = db
@@ -29,7 +32,7 @@ class Predictor:
         pts = sorted(self.db.points(self.env_key, signature).values(), key=lambda m: m.point)
         if not pts:
             return None
-        digest = hashlib.sha1(json.dumps([(m.point, m.median_us, m.p25_us, m.p75_us) for m in pts])
+        digest = hashlib.sha1(json.dumps([FIT_VERSION, [(m.point, m.median_us, m.p25_us, m.p75_us) for m in pts]])
                               .encode()).hexdigest()
         stored = self.db.fit(self.env_key, signature)
         if stored is not None and stored[0] == digest:
