@@ -10,6 +10,7 @@ symbolic. Attention and KV-cache writes stay leaf ops (`vllm::unified_attention_
 from __future__ import annotations
 
 import contextlib
+import functools
 import tempfile
 from pathlib import Path
 
@@ -24,6 +25,7 @@ NAME = "vllm"
 request_vars = ("num_tokens", "num_reqs")
 
 
+@functools.lru_cache(maxsize=None)
 def version() -> str:
     from importlib.metadata import PackageNotFoundError, version as v
 
