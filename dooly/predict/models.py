@@ -127,7 +127,7 @@ def _attention(p: dict) -> list[float]:
 class Linear:
     kind = "linear"
 
-    def __init__(self, features: str, points: list[dict], ys, iqr, weights=None, rel_rms=None):
+    def __init__(self, features: str, points: list[dict], ys, iqr, weights=None, rel_rms=None, counts=None):
         self.features = features
         self.points = [dict(p) for p in points]
         self.ys = np.asarray(ys, float)
@@ -140,6 +140,8 @@ class Linear:
             # (an overhead residual is a difference of two step times and crosses 0: floor at its median)
             floor = float(np.median(np.abs(self.ys))) if features == "overhead" else 1e-3 * float(np.abs(self.ys).max())
             scale = np.maximum(np.abs(self.ys), floor + 1e-9)
+            if counts is not None:  # a point that is the median of n samples counts sqrt(n) times as much
+                scale = scale / np.sqrt(np.maximum(np.asarray(counts, float), 1.0))
             weights, _ = nnls(X / scale[:, None], self.ys / scale)
             fit = X @ weights
             rel_rms = float(np.sqrt(np.mean(((fit - self.ys) / scale) ** 2)))
@@ -189,8 +191,9 @@ ATTENTION_VARS = {"dec_reqs", "dec_kv", "pre_chunk", "pre_ctx"}
 OVERHEAD_VARS = {"num_ops", "num_reqs", "num_tokens"}
 
 
-def fit(points: list[dict], ys, iqr, features: str | None = None):
-    """The regressor for one signature's measurements."""
+def fit(points: list[dict], ys, iqr, features: str | None = None, counts=None):
+    """The regressor for one signature's measurements (`counts`: samples behind each point, used to
+    weight the engine-overhead fit, whose points are medians of very different numbers of steps)."""
     variables = sorted(set().union(*points)) if points else []
     if features is None and variables and set(variables) <= ATTENTION_VARS:
         features = "attention"
@@ -199,7 +202,8 @@ def fit(points: list[dict], ys, iqr, features: str | None = None):
     if len(variables) <= 1 and features is None:
         var = variables[0] if variables else "_"
         return Curve(var, [p.get(var, 0) for p in points], ys, iqr)
-    return Linear(features or "poly2", points, ys, iqr)
+    features = features or "poly2"
+    return Linear(features, points, ys, iqr, counts=counts if features == "overhead" else None)
 
 
 def from_json(d: dict):

@@ -14,7 +14,7 @@ from dooly.errors import DoolyError
 from dooly.predict.models import Linear, Prediction, attention_work, fit, from_json
 
 
-FIT_VERSION = 2  # bump when fitting changes: stored fits of the same data are then redone
+FIT_VERSION = 3  # bump when fitting changes: stored fits of the same data are then redone
 
 
 class Predictor:
@@ -39,7 +39,7 @@ class Predictor:
             model = from_json(json.loads(stored[1]))
         else:
             model = fit([parse_point(m.point) for m in pts], [m.median_us for m in pts],
-                        [m.p75_us - m.p25_us for m in pts])
+                        [m.p75_us - m.p25_us for m in pts], counts=[m.repeats for m in pts])
             self.db.put_fit(self.env_key, signature, digest, json.dumps(model.to_json()))
         self._models[signature] = model
         return model
