@@ -45,6 +45,25 @@ def parse_workload(spec, max_len: int | None = None):
     return reqs
 
 
+def model_context(model: str, db: str | None, dtype: str, tp: int, threads: int | None, **limits: int):
+    """What simulating `model` on vLLM at TP `tp` needs: (spec, cached trace, predictor on this environment);
+    engine limits that are not positive fail first."""
+    from dooly.catalog import resolve
+    from dooly.db import LatencyDB
+    from dooly.engines.vllm import version
+    from dooly.predict import Predictor
+    from dooly.profile import current_environment, default_threads
+    from dooly.trace import trace_model
+
+    for name, value in limits.items():
+        if value <= 0:
+            raise DoolyError(f"{name} must be > 0, got {value}")
+    spec = resolve(model)
+    trace = trace_model(spec, dtype=dtype, tp=tp, cache=True)
+    env = current_environment("vllm", version(), dtype, threads or default_threads(tp), tp=tp)
+    return spec, trace, Predictor(LatencyDB(db, create=False), env)
+
+
 def simulate(model: str, workload, *, db: str | None = None, dtype: str = "bfloat16",
              max_num_batched_tokens: int = 4096, max_num_seqs: int = 256, enable_prefix_caching: bool = True,
              enable_chunked_prefill: bool = True, num_gpu_blocks: int | None = None,
@@ -54,25 +73,15 @@ def simulate(model: str, workload, *, db: str | None = None, dtype: str = "bfloa
 
     scheduler: "fast" (dooly's re-implementation of vLLM's policy, tested to make the same batches)
     or "vllm" (vLLM's own scheduler and KV-cache manager driven in virtual time; slower)."""
-    from dooly.catalog import resolve
-    from dooly.db import LatencyDB
-    from dooly.engines.vllm import version
     from dooly.engines.vllm.scheduler import VllmScheduler
-    from dooly.predict import Predictor, StepPredictor
-    from dooly.profile import current_environment, default_threads
+    from dooly.predict import StepPredictor
     from dooly.sim import simulate as run
     from dooly.sim.metrics import requests_frame, steps_frame, summary
     from dooly.sim.scheduler import FastScheduler
-    from dooly.trace import trace_model
 
-    for name, value in (("max_num_batched_tokens", max_num_batched_tokens), ("max_num_seqs", max_num_seqs)):
-        if value <= 0:
-            raise DoolyError(f"{name} must be > 0, got {value}")
-    spec = resolve(model)
+    spec, trace, predictor = model_context(model, db, dtype, tensor_parallel_size, threads,
+                                           max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
     tp = tensor_parallel_size
-    trace = trace_model(spec, dtype=dtype, tp=tp, cache=True)
-    env = current_environment("vllm", version(), dtype, threads or default_threads(tp), tp=tp)
-    predictor = Predictor(LatencyDB(db, create=False), env)
     if num_gpu_blocks is None and tp > 1:  # each rank holds 1/tp of the KV heads in the same KV space
         import os
 

@@ -130,25 +130,16 @@ def validate(model: str, workloads: list[str], *, db: str | None = None, dtype: 
 
     `llm`: an already started engine of this model (`start_engine`) to reuse; the simulator then
     takes the engine's effective limits from it, whatever the options say."""
-    from dooly.api import parse_workload, simulate
-    from dooly.catalog import resolve
-    from dooly.db import LatencyDB
-    from dooly.engines.vllm import version
+    from dooly.api import model_context, parse_workload, simulate
     from dooly.engines.vllm.engine import serve, start_engine, stop_engine
-    from dooly.predict import Predictor, StepPredictor
-    from dooly.profile import current_environment, default_threads
-    from dooly.trace import trace_model
+    from dooly.predict import StepPredictor
 
     if repeats < 1:
         raise DoolyError(f"repeats must be >= 1, got {repeats}")
-    for name, value in (("max_num_batched_tokens", max_num_batched_tokens), ("max_num_seqs", max_num_seqs)):
-        if value <= 0:
-            raise DoolyError(f"{name} must be > 0, got {value}")
-    spec = resolve(model)
     tp = tensor_parallel_size
-    trace = trace_model(spec, dtype=dtype, tp=tp, cache=True)
-    env = current_environment("vllm", version(), dtype, threads or default_threads(tp), tp=tp)
-    step = StepPredictor(trace, Predictor(LatencyDB(db, create=False), env))  # fails now if data is missing
+    spec, trace, predictor = model_context(model, db, dtype, tp, threads,
+                                           max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
+    step = StepPredictor(trace, predictor)  # fails now if data is missing
     vocab = spec.config["vocab_size"]
     max_len = spec.config.get("max_position_embeddings")
     parsed = [parse_workload(w, max_len) for w in workloads]  # bad workloads fail before the engine starts
