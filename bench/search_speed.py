@@ -37,7 +37,7 @@ def _ray_startup() -> float:
 
     import ray
 
-    from dooly.search.fanout import usable_cores
+    from dooly.cluster import usable_cores
 
     t0 = time.perf_counter()
     ray.init(num_cpus=usable_cores(), include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)

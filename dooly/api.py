@@ -107,6 +107,22 @@ def simulate(model: str, workload, *, db: str | None = None, dtype: str = "bfloa
 CALIBRATION_MODELS = ("dooly/tiny-llama", "dooly/tiny-llama-deep")
 
 
+def calibrated(db: str | None = None, dtype: str = "bfloat16", tensor_parallel_size: int = 1) -> bool:
+    """Whether the database holds the engine's per-step overhead for this environment (`calibrate`)."""
+    from dooly.db import LatencyDB
+    from dooly.engines.vllm import version
+    from dooly.predict import Predictor
+    from dooly.predict.overhead import OVERHEAD_SIG
+    from dooly.profile import current_environment, default_threads
+
+    tp = tensor_parallel_size
+    env = current_environment("vllm", version(), dtype, default_threads(tp), tp=tp)
+    try:
+        return Predictor(LatencyDB(db, create=False), env).model(OVERHEAD_SIG) is not None
+    except DoolyError:
+        return False
+
+
 def calibrate(db: str | None = None, models=CALIBRATION_MODELS, dtype: str = "bfloat16",
               threads: int | None = None, seed: int = 0, tensor_parallel_size: int = 1) -> pd.DataFrame:
     """Measure the real engine's per-step overhead in this environment and store it in the database.

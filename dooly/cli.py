@@ -146,6 +146,9 @@ def profile(
     threads: Optional[int] = typer.Option(None, help="threads to time with (default: what the engine uses)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan, measure nothing"),
     attention_backend: Optional[str] = typer.Option(None, help=_BACKEND_HELP),
+    ray_address: Optional[str] = typer.Option(
+        None, help="split the missing points across the workers of this Ray cluster (HOST:PORT, ray://..., "
+                   "auto; 'local' starts one here), all writing to --db (PostgreSQL for a multi-machine cluster)"),
 ) -> None:
     """Measure the operations of MODELS that the latency database does not hold yet."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -165,6 +168,11 @@ def profile(
         names = list(models or []) + (suite_models(suite) if suite else [])
         if not names:
             raise DoolyError("give models or --suite NAME")
+        if ray_address is not None and not dry_run:
+            from dooly.cluster import check_address, require_ray
+
+            require_ray()
+            check_address(ray_address)
         specs = [resolve(m) for m in names]
         eng = get_engine(engine)
         database = LatencyDB(db, create=not dry_run) if not dry_run else _maybe_db(db)
@@ -197,7 +205,12 @@ def profile(
             bar.update(task, completed=done, description=f"profiling {op}")
 
         try:
-            summary = run_profile(plan_, database, tick)
+            if ray_address is None:
+                summary = run_profile(plan_, database, tick)
+            else:
+                from dooly.profile.distributed import run_distributed
+
+                summary = run_distributed(plan_, database, ray_address, tick)
         except DoolyError as e:
             _fail(e)
     table = Table("", "value")
@@ -431,12 +444,16 @@ def quickstart(
     trace(model=model, engine="vllm", tp=1, dtype="bfloat16", fmt="table", all_ops=False, attention_backend=None)
     console.rule(f"2. profile what the latency database lacks for {model}")
     profile(models=[model], suite=None, engine="vllm", db=db, dtype="bfloat16", tp=1, max_num_batched_tokens=4096,
-            max_num_seqs=256, grid="reduced", threads=None, dry_run=False, attention_backend=None)
+            max_num_seqs=256, grid="reduced", threads=None, dry_run=False, attention_backend=None,
+            ray_address=None)
     console.rule(f"3. profile {sibling}: same family, other depth -> its operations are already measured")
     profile(models=[sibling], suite=None, engine="vllm", db=db, dtype="bfloat16", tp=1, max_num_batched_tokens=4096,
-            max_num_seqs=256, grid="reduced", threads=None, dry_run=False, attention_backend=None)
+            max_num_seqs=256, grid="reduced", threads=None, dry_run=False, attention_backend=None,
+            ray_address=None)
     console.rule("4. the engine's per-step overhead (scheduler, sampling, Python between ops)")
-    if _calibrated(db):
+    from dooly.api import calibrated
+
+    if calibrated(db):
         console.print("already calibrated in this environment: reused")
     else:
         calibrate(db=db, models=f"{model},{sibling}", dtype="bfloat16", tensor_parallel_size=1)
@@ -447,20 +464,6 @@ def quickstart(
     console.print(f"plots: {out}/latency_cdfs.png, {out}/steps.png | quickstart took "
                   f"{time.perf_counter() - start:.0f} s")
     console.print(f"next: dooly validate {model} --workload '{workload}' (the real engine vs this prediction)")
-
-
-def _calibrated(db) -> bool:
-    from dooly.db import LatencyDB
-    from dooly.engines.vllm import version
-    from dooly.predict import Predictor
-    from dooly.predict.overhead import OVERHEAD_SIG
-    from dooly.profile import current_environment, default_threads
-
-    env = current_environment("vllm", version(), "bfloat16", default_threads())
-    try:
-        return Predictor(LatencyDB(db, create=False), env).model(OVERHEAD_SIG) is not None
-    except DoolyError:
-        return False
 
 
 export_app = typer.Typer(no_args_is_help=True, help="Write dooly's predictions in other simulators' formats.")

@@ -46,3 +46,22 @@ def profiled(tmp_path_factory, tiny_llama_trace):
     summary = run_profile(plan, db)
     assert not summary.failed
     return db, env
+
+
+@pytest.fixture
+def pg_url():
+    """The test PostgreSQL server (scripts/postgres.sh), emptied: required in CI, skipped elsewhere without it."""
+    from dooly.db import LatencyDB
+    from dooly.db.schema import metadata
+    from dooly.errors import DoolyError
+
+    url = os.environ.get("DOOLY_TEST_PG_URL", "postgresql+psycopg://dooly:dooly@127.0.0.1:5432/dooly_test")
+    try:
+        db = LatencyDB(url, create=False)
+    except DoolyError:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is required in CI (scripts/postgres.sh starts it)")
+        pytest.skip("no local PostgreSQL server (run scripts/postgres.sh to start one)")
+    metadata.drop_all(db.engine)  # a clean database for every test
+    db.engine.dispose()
+    yield url

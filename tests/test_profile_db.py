@@ -20,30 +20,11 @@ PROFILE = [sys.executable, "-m", "dooly.cli", "profile", "dooly/tiny-llama", "--
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
-def _pg_url() -> str | None:
-    url = os.environ.get("DOOLY_TEST_PG_URL", "postgresql+psycopg://dooly:dooly@127.0.0.1:5432/dooly_test")
-    try:
-        LatencyDB(url, create=False)
-        return url
-    except DoolyError:
-        return None
-
-
 @pytest.fixture(params=["sqlite", "postgres"])
 def db_url(request, tmp_path):
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'latency.db'}"
-        return
-    url = _pg_url()
-    if url is None:
-        if os.environ.get("CI"):
-            pytest.fail("PostgreSQL is required in CI (scripts/postgres.sh starts it)")
-        pytest.skip("no local PostgreSQL server (run scripts/postgres.sh to start one)")
-    from dooly.db.schema import metadata
-
-    db = LatencyDB(url, create=False)
-    metadata.drop_all(db.engine)  # a clean database for every test
-    yield url
+        return f"sqlite:///{tmp_path / 'latency.db'}"
+    return request.getfixturevalue("pg_url")
 
 
 @pytest.fixture(scope="module")

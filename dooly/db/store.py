@@ -192,6 +192,13 @@ class LatencyDB:
         with self.engine.begin() as conn:
             conn.execute(S.runs.update().where(S.runs.c.id == run_id).values(**fields))
 
+    def run_totals(self, run_id: int) -> tuple[int, float]:
+        """(points stored under the run, their device-seconds), whichever process stored them."""
+        m = S.measurements
+        with self.engine.connect() as conn:
+            n, cost = conn.execute(select(func.count(), func.sum(m.c.cost_s)).where(m.c.run_id == run_id)).one()
+        return int(n), float(cost or 0.0)
+
     def runs(self) -> list[dict]:
         with self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(select(S.runs).order_by(S.runs.c.id))]

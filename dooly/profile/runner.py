@@ -181,16 +181,20 @@ def _load_replay_rules(engine: str) -> None:
 
 
 def run_profile(plan: ProfilePlan, db: LatencyDB, progress: Callable[[str, int, int], None] | None = None,
-                collectives=None) -> ProfileSummary:
+                collectives=None, run_id: int | None = None) -> ProfileSummary:
     """Measure what the plan lacks, storing each point as soon as it is measured.
 
     collectives: a started group (the engine's `CollectiveProfiler`) to measure collectives with;
     by default one is started at the first collective point this run lacks and closed at its end.
+    run_id: store the points under this run, which another process started and keeps the books
+    of (a shard of a distributed run); by default the run is started and finished here.
     """
     _load_replay_rules(plan.env.engine)
     env_key = db.ensure_environment(plan.env)
     db.add_signatures({w.signature: (w.op, w.text) for w in plan.work})
-    run_id = db.start_run(env_key, plan.models)
+    own_run = run_id is None
+    if own_run:
+        run_id = db.start_run(env_key, plan.models)
     torch.set_num_threads(plan.env.threads)
     stateful = None
     if any(w.kind == STATEFUL for w in plan.work):
@@ -238,7 +242,8 @@ def run_profile(plan: ProfilePlan, db: LatencyDB, progress: Callable[[str, int, 
                 costs[(w.signature, p)] = m.cost_s
             else:  # stored by a concurrent profiler between our check and our write
                 costs[(w.signature, p)] = db.points(env_key, w.signature)[(w.signature, p)].cost_s
-            db.update_run(run_id, measured=measured, device_s=spent)
+            if own_run:
+                db.update_run(run_id, measured=measured, device_s=spent)
         if progress:
             progress("", len(todo), len(todo))
         status = "done"
@@ -248,8 +253,9 @@ def run_profile(plan: ProfilePlan, db: LatencyDB, progress: Callable[[str, int, 
             group.close()
         baseline = sum(costs.get(k, 0.0) for need in plan.needs.values() for k in need)
         reused_points = sum(1 for w in plan.work for p in w.points if (w.signature, p) in plan.stored)
-        db.update_run(run_id, finished=time.time(), measured=measured, reused=reused_points, device_s=spent,
-                      baseline_s=baseline, status=status)
+        if own_run:
+            db.update_run(run_id, finished=time.time(), measured=measured, reused=reused_points, device_s=spent,
+                          baseline_s=baseline, status=status)
     return ProfileSummary(
         models=plan.models, signatures=len(plan.work),
         signatures_measured=len({w.signature for w, p in todo if w.signature not in failed}),

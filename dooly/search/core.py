@@ -14,6 +14,7 @@ from typing import Callable
 
 import pandas as pd
 
+from dooly.cluster import check_address
 from dooly.errors import DoolyError
 from dooly.search.grid import DEFAULT_GRID, Configuration, configurations, engine_check, parse_grid
 from dooly.search.slo import Slo, parse_slo
@@ -105,7 +106,7 @@ def search(models, workload, slo, grid=None, *, db: str | None = None, requests:
     if ray_address is not None:
         if use_ray is False:
             raise DoolyError("a Ray address and running without Ray exclude each other")
-        fanout.check_address(ray_address)
+        check_address(ray_address)
     database = LatencyDB(db, create=False)
     lengths = _lengths(workload, requests)
     configs = configurations(models, grid)

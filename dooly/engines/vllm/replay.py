@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import vllm._custom_ops  # noqa: F401 - registers the _C ops replayed here (a worker may not have traced)
 
 from dooly.profile.replay import replay_rule
 
