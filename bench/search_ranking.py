@@ -140,10 +140,15 @@ def main() -> None:
             stop_engine(llm)
 
     print()
-    print(f"{'setting':<28} {'search goodput':>15} {'measured goodput (ladder)':>26}")
+    print(f"{'setting':<28} {'search goodput':>15}   measured goodput (between ladder rungs)")
     for s in settings:
-        low = " (below the ladder)" if measured[s] == 0 else ""
-        print(f"{s:<28} {predicted[s]:>13.2f}/s {measured[s]:>24.2f}/s{low}")
+        i = LADDER.index(measured[s]) if measured[s] else -1
+        upper = f"{LADDER[i + 1]:.2f}/s" if i + 1 < len(LADDER) else "beyond the ladder"
+        lower = f"{measured[s]:.2f}/s" if i >= 0 else "below the ladder"
+        inside = lower != "below the ladder" and measured[s] <= predicted[s] < (LADDER[i + 1] if i + 1 < len(LADDER)
+                                                                                  else float("inf"))
+        print(f"{s:<28} {predicted[s]:>13.2f}/s   >= {lower}, < {upper}"
+              f"{' (search inside)' if inside else ''}")
     by_search = sorted(settings, key=lambda s: -predicted[s])
     by_engine = sorted(settings, key=lambda s: -measured[s])
     ties = len(set(measured.values())) < len(settings)
