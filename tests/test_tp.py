@@ -90,3 +90,19 @@ def test_validate_at_tp2(profiled_tp2, tp2_engine):
     reqs, _ = v.measured[0]
     assert (reqs["ttft_s"] > 0).all() and len(reqs) == 3
     assert v.headline()["ttft_mape"] == v.headline()["ttft_mape"]  # a number
+
+
+def test_search_over_tp_degrees_uses_the_tp_data_it_has(profiled_tp2):
+    """A grid over tensor_parallel_size: TP=2 is answered from its rank ops + collectives, goodput per
+    device is halved; TP=1 (absent from this database) is listed with the command that fills it."""
+    from dooly.search import search
+
+    db, _ = profiled_tp2
+    res = search(["dooly/tiny-llama"], "n=30,prompt=uniform:16:120,output=uniform:4:24,seed=1",
+                 "ttft_p99=150ms,tpot_p99=20ms", ["tensor_parallel_size=1,2", "max_num_seqs=8",
+                                                  "max_num_batched_tokens=128"], db=db.url, use_ray=False)
+    by_tp = res.configs.set_index("tensor_parallel_size")
+    assert by_tp.loc[2, "status"] == "ok" and by_tp.loc[2, "goodput_rps"] > 0
+    assert by_tp.loc[2, "goodput_per_device_rps"] == pytest.approx(by_tp.loc[2, "goodput_rps"] / 2)
+    assert by_tp.loc[1, "status"] == "missing"
+    assert "dooly profile dooly/tiny-llama" in by_tp.loc[1, "reason"] and "--tp" not in by_tp.loc[1, "reason"]
