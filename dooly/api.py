@@ -160,7 +160,7 @@ def calibrate(db: str | None = None, models=CALIBRATION_MODELS, dtype: str = "bf
     rows, residuals = [], []
     for spec, trace in zip(specs, traces):
         vocab = spec.config["vocab_size"]
-        llm = start_engine(spec.config, dtype=dtype, tensor_parallel_size=tp)
+        llm = start_engine(spec.config, dtype=dtype, tensor_parallel_size=tp, threads=threads)
         try:
             serve(llm, warmup, vocab)
             steps = []

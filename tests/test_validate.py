@@ -63,3 +63,30 @@ def test_bad_input_fails_before_the_engine(profiled, tmp_path):
                         "--db", empty], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "starting the engine" not in r.stderr
+
+
+ENGINE_THREADS = """
+import os, torch
+from dooly.catalog import resolve
+from dooly.engines.vllm.engine import start_engine, stop_engine
+from dooly.profile import default_threads
+if __name__ == "__main__":
+    before = torch.get_num_threads()
+    llm = start_engine(resolve("dooly/tiny-llama").config)
+    print(before, torch.get_num_threads(), default_threads(1))
+    stop_engine(llm)
+"""
+
+
+def test_engine_computes_with_the_databases_thread_count_whatever_the_shell_says():
+    """Without OMP_NUM_THREADS the in-process worker would use every core, while the database holds
+    one-rank measurements at default_threads(): the engine must be pinned to the latter."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    r = subprocess.run([sys.executable, "-c", ENGINE_THREADS], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    before, during, expected = map(int, r.stdout.split()[-3:])
+    assert during == expected
+    if os.cpu_count() > 1:
+        assert before == os.cpu_count() != expected  # the case that went wrong: torch's default is every core

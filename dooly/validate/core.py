@@ -149,7 +149,8 @@ def validate(model: str, workloads: list[str], *, db: str | None = None, dtype: 
     own = llm is None
     if own:
         say(f"starting the engine for {spec.name}")
-        llm = start_engine(spec.config, dtype=dtype, kv_cache_gib=kv_cache_gib, tensor_parallel_size=tp, **options)
+        llm = start_engine(spec.config, dtype=dtype, kv_cache_gib=kv_cache_gib, tensor_parallel_size=tp,
+                           threads=threads, **options)
     try:
         cfg = llm.llm_engine.vllm_config
         sc = cfg.scheduler_config

@@ -15,23 +15,35 @@ from dooly.engines.vllm.tracer import attention_describer
 from dooly.trace.recorder import record_ops
 
 
-def start_engine(config: dict, dtype: str = "bfloat16", kv_cache_gib: int = 1, **engine_kwargs):
+def start_engine(config: dict, dtype: str = "bfloat16", kv_cache_gib: int = 1, threads: int | None = None,
+                 **engine_kwargs):
     """An in-process `vllm.LLM` (V1 engine, eager) on a random-weight model built from `config`.
 
-    With `tensor_parallel_size=K > 1` vLLM's CPU build starts K worker processes; unless
-    VLLM_CPU_OMP_THREADS_BIND says otherwise, worker k is bound to the k-th allowed core (its
-    automatic binding wants one NUMA node per worker, which a small machine does not have).
+    `threads`: OpenMP threads per worker, the number the latency database was measured with
+    (default: `dooly.profile.default_threads(K)`). It is set explicitly: in-process, vLLM's CPU
+    worker would otherwise compute with whatever this process has (every core, unless
+    OMP_NUM_THREADS says otherwise), and predictions measured at one thread would be compared
+    with an engine running two. With `tensor_parallel_size=K > 1` vLLM's CPU build starts K worker
+    processes; unless VLLM_CPU_OMP_THREADS_BIND says otherwise, worker k is bound to the k-th run
+    of `threads` allowed cores (its automatic binding wants one NUMA node per worker, which a small
+    machine does not have).
     """
+    import torch
+
+    from dooly.errors import DoolyError
+    from dooly.profile.environment import default_threads
+
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
     tp = int(engine_kwargs.get("tensor_parallel_size", 1))
+    threads = threads or default_threads(tp)
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < tp * threads:
+        raise DoolyError(f"{tp} worker(s) x {threads} thread(s) need {tp * threads} cores; {len(cores)} here")
     if tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-        cores = sorted(os.sched_getaffinity(0))
-        if len(cores) < tp:
-            from dooly.errors import DoolyError
-
-            raise DoolyError(f"tensor_parallel_size={tp} needs {tp} cores (one per worker); {len(cores)} here")
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(c) for c in cores[:tp])
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+            ",".join(str(c) for c in cores[k * threads:(k + 1) * threads]) for k in range(tp))
+    torch.set_num_threads(threads)  # the in-process worker (tp = 1) computes in this process's threads
     from vllm import LLM
 
     folder = write_model_dir(config, Path(tempfile.mkdtemp(prefix="dooly-engine-")))
