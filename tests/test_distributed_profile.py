@@ -103,3 +103,22 @@ def test_unreachable_ray_address_fails_before_any_work(tmp_path):
     assert "cannot reach a Ray cluster at 127.0.0.1:1" in r.stderr
     assert len([line for line in r.stderr.strip().splitlines() if line.strip()]) == 1
     assert not (tmp_path / "latency.db").exists()  # nothing was written
+
+
+def test_tp2_profile_on_ray_measures_collectives_in_their_own_group(tmp_path):
+    """A TP=2 run on Ray: rank ops on single-core workers, the collectives in one shard that asks
+    Ray for both cores and starts its real 2-process group inside the task."""
+    from dooly.engines.vllm import version
+    from dooly.profile import current_environment, default_threads
+
+    url = f"sqlite:///{tmp_path / 'latency.db'}"
+    r = subprocess.run([*PROFILE, "--tp", "2", "--db", url, "--ray-address", "local"], capture_output=True,
+                       text=True, env=ENV, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    db = LatencyDB(url, create=False)
+    env = current_environment("vllm", version(), "bfloat16", default_threads(2), tp=2)
+    listing = db.listing(env.key)
+    ops = {row["op"] for row in listing}
+    assert {"_C::shm_allreduce", "_C::shm_all_gather"} <= ops
+    (run,) = db.runs()
+    assert run["status"] == "done" and run["measured"] == sum(row["points"] for row in listing)
