@@ -25,7 +25,7 @@ import time
 from typing import Callable
 
 from dooly.cluster import describe, ray_session, task_result
-from dooly.db import LatencyDB
+from dooly.db import LatencyDB, parse_point
 from dooly.errors import DoolyError
 from dooly.profile.runner import COLLECTIVE, ProfilePlan, ProfileSummary, _estimate_point_s, run_profile
 
@@ -39,23 +39,18 @@ def shard(plan: ProfilePlan, n: int) -> list[ProfilePlan]:
     them all). Each shard is a plan holding only its points, in the plan's order."""
     missing = plan.missing
     collective = [(w, p) for w, p in missing if w.kind == COLLECTIVE]
-    rest = [(w, p) for w, p in missing if w.kind != COLLECTIVE]
+    rest = sorted(((_estimate_point_s(w.text, parse_point(p)), w.signature, p) for w, p in missing
+                   if w.kind != COLLECTIVE), key=lambda c: -c[0])
     n = max(1, min(n, len(rest)))
     heap = [(0.0, i) for i in range(n)]
     parts: list[set] = [set() for _ in range(n)]
-    for w, p in sorted(rest, key=lambda wp: -_estimate_point_s(wp[0].text, _values(wp[1]))):
+    for cost, signature, p in rest:
         load, i = heapq.heappop(heap)
-        parts[i].add((w.signature, p))
-        heapq.heappush(heap, (load + _estimate_point_s(w.text, _values(p)), i))
+        parts[i].add((signature, p))
+        heapq.heappush(heap, (load + cost, i))
     if collective:
         parts.append({(w.signature, p) for w, p in collective})
     return [_restrict(plan, part) for part in parts if part]
-
-
-def _values(point: str) -> dict:
-    from dooly.db import parse_point
-
-    return parse_point(point)
 
 
 def _restrict(plan: ProfilePlan, keep: set) -> ProfilePlan:
