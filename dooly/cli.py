@@ -257,6 +257,31 @@ def db_stats(db: Optional[str] = typer.Option(None, "--db", help=_DB_HELP)) -> N
     console.print(f"database: {database.url}")
 
 
+@db_app.command("runs")
+def db_runs(db: Optional[str] = typer.Option(None, "--db", help=_DB_HELP)) -> None:
+    """Every profiling run: when, what, how it ended, what it measured and reused.
+
+    A run killed with its process stays "running" (nothing could mark it); a distributed run counts
+    the points all its workers stored."""
+    import datetime as dt
+
+    from dooly.db import LatencyDB
+
+    try:
+        database = LatencyDB(db, create=False)
+    except DoolyError as e:
+        _fail(e)
+    table = Table("run", "env", "models", "started (UTC)", "took s", "status", "measured", "reused", "device-s",
+                  "saved")
+    for r in database.runs():
+        started = dt.datetime.fromtimestamp(r["started"], dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        took = f"{r['finished'] - r['started']:.0f}" if r["finished"] else "-"
+        saved = f"{100 * (1 - r['device_s'] / r['baseline_s']):.1f}%" if r["baseline_s"] else "-"
+        table.add_row(str(r["id"]), r["env"], ", ".join(json.loads(r["models"])), started, took, r["status"],
+                      str(r["measured"]), str(r["reused"]), f"{r['device_s']:.1f}", saved)
+    console.print(table)
+
+
 @db_app.command("ls")
 def db_ls(db: Optional[str] = typer.Option(None, "--db", help=_DB_HELP),
           env: Optional[str] = typer.Option(None, help="only this environment key")) -> None:

@@ -61,6 +61,12 @@ def test_second_profile_reuses_everything(db_url, expected_points):
     assert runs[0]["measured"] == expected_points and runs[0]["status"] == "done"
     assert runs[1]["measured"] == 0 and runs[1]["reused"] == expected_points and runs[1]["device_s"] == 0
     assert f"0 measured, {expected_points} reused" in r.stdout
+    listed = subprocess.run([sys.executable, "-m", "dooly.cli", "db", "runs", "--db", db_url], capture_output=True,
+                            text=True, env={**ENV, "COLUMNS": "250"}, timeout=300)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    rows = [line for line in listed.stdout.splitlines() if "dooly/tiny-llama" in line]
+    assert len(rows) == 2 and all(" done " in row for row in rows)
+    assert f" {expected_points} " in rows[0] and "100.0%" in rows[1]  # the second run measured nothing
 
 
 def test_kill_and_resume_loses_and_repeats_nothing(db_url, expected_points):
