@@ -14,7 +14,10 @@ Prints per simulator TTFT / TPOT mean, p50, p99 and wall time, and the speed rat
 set from its default grid and 2 CV folds (its default grid of 27 sets x 10 folds takes ~40x longer
 on two cores; with one set, cross-validation selects nothing): that makes Vidur faster than its
 default and the ratio conservative; DOOLY_VIDUR_DEFAULT_RF=1 runs Vidur's own default search.
-Run: .venv/bin/python bench/vidur_dropin.py [MODEL] [N_REQUESTS]
+With TP=K (third argument) every step runs at tensor-parallel degree K: the profile (rank ops and
+collectives between K real processes), the calibration, the export (with all_reduce.csv), dooly
+simulate, Vidur (--replica_config_tensor_parallel_size K) and the real engine (K workers).
+Run: .venv/bin/python bench/vidur_dropin.py [MODEL] [N_REQUESTS] [TP]
 """
 
 from __future__ import annotations
@@ -85,16 +88,19 @@ def vidur_requests(output_dir: Path) -> pd.DataFrame:
 def main() -> None:
     model = sys.argv[1] if len(sys.argv) > 1 else "dooly/tiny-llama"
     n = int(sys.argv[2]) if len(sys.argv) > 2 else 50
+    tp = int(sys.argv[3]) if len(sys.argv) > 3 else 1
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    print(f"machine: {platform.node()} | {cpu} | {os.cpu_count()} cores | model {model} | {n} requests")
+    print(f"machine: {platform.node()} | {cpu} | {os.cpu_count()} cores | model {model} | {n} requests | TP {tp}")
+    at_tp = ["--tp", str(tp)] if tp > 1 else []
+    tp_size = ["--tensor-parallel-size", str(tp)] if tp > 1 else []
     py = vidur_python()
     dooly = [sys.executable, "-m", "dooly.cli"]
     with tempfile.TemporaryDirectory(prefix="dooly-vidur-") as tmp:
         tmp = Path(tmp)
         url = f"sqlite:///{tmp}/latency.db"
-        profile_s = run([*dooly, "profile", model, "--grid", "reduced", "--db", url])
-        calibrate_s = run([*dooly, "calibrate", "--db", url])
-        export_s = run([*dooly, "export", "vidur", model, "--out", tmp / "export", "--db", url])
+        profile_s = run([*dooly, "profile", model, "--grid", "reduced", "--db", url, *at_tp])
+        calibrate_s = run([*dooly, "calibrate", "--db", url, *tp_size])
+        export_s = run([*dooly, "export", "vidur", model, "--out", tmp / "export", "--db", url, *tp_size])
         manifest = json.loads((tmp / "export" / "manifest.json").read_text())
         print(f"profile {profile_s:.0f} s, calibrate {calibrate_s:.0f} s, export {export_s:.0f} s | extrapolated rows: "
               f"{ {f: i['extrapolated_rows'] for f, i in manifest['files'].items()} }")
@@ -118,9 +124,9 @@ def main() -> None:
         vidur_s = run([py, tmp / "export" / "vidur_launch.py", *manifest["vidur"]["args"], *workload, *VIDUR_RUN_FLAGS],
                       env={"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"})
         dooly_s = run([*dooly, "simulate", model, "--workload", tmp / "workload.csv", "--db", url,
-                       "--out", tmp / "dooly_out", "--json"])
+                       "--out", tmp / "dooly_out", "--json", *tp_size])
         run([*dooly, "validate", model, "--workload", tmp / "workload.csv", "--db", url, "--repeats", "1",
-             "--out", tmp / "validate"])
+             "--out", tmp / "validate", *tp_size])
         engine = pd.read_csv(tmp / "validate" / "workload0" / "requests_measured_run0.csv")
         table = pd.DataFrame([row(f"vidur {VIDUR.split('==')[1]} (dooly export)", vidur_requests(tmp / "vidur_out"), vidur_s),
                               row("dooly simulate", pd.read_csv(tmp / "dooly_out" / "requests.csv"), dooly_s),

@@ -82,14 +82,11 @@ def simulate(model: str, workload, *, db: str | None = None, dtype: str = "bfloa
     spec, trace, predictor = model_context(model, db, dtype, tensor_parallel_size, threads,
                                            max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
     tp = tensor_parallel_size
-    if num_gpu_blocks is None and tp > 1:  # each rank holds 1/tp of the KV heads in the same KV space
-        import os
+    if num_gpu_blocks is None and tp > 1:
+        from dooly.sim.scheduler import kv_blocks, scheduler_settings
 
-        from dooly.sim.scheduler import scheduler_settings
-
-        per_block = scheduler_settings(spec.config, dtype, max_num_batched_tokens=max_num_batched_tokens,
-                                       max_num_seqs=max_num_seqs)["kv_bytes_per_block"]
-        num_gpu_blocks = int(float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 4) * (1 << 30) * tp // per_block)
+        num_gpu_blocks = kv_blocks(scheduler_settings(spec.config, dtype, max_num_batched_tokens=max_num_batched_tokens,
+                                                      max_num_seqs=max_num_seqs), tp)
     schedulers = {"fast": FastScheduler, "vllm": VllmScheduler}
     if scheduler not in schedulers:
         raise DoolyError(f"scheduler must be one of {sorted(schedulers)}, got {scheduler!r}")

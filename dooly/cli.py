@@ -505,15 +505,17 @@ def export_vidur(
     max_num_batched_tokens: int = typer.Option(4096, help="engine limit: tokens per step (grid and Vidur chunk)"),
     max_num_seqs: int = typer.Option(256, help="engine limit: requests per step (grid and Vidur batch cap)"),
     device: str = typer.Option("cpu", help="Vidur device / node SKU name the files are filed under"),
+    tensor_parallel_size: int = typer.Option(1, help="describe one of K workers, plus all_reduce.csv "
+                                                     "(from a `dooly profile --tp K` database)"),
 ) -> None:
-    """Vidur's profile files (mlp.csv, attention.csv) for MODEL, filled from the latency database."""
+    """Vidur's profile files (mlp.csv, attention.csv; all_reduce.csv at TP > 1) for MODEL, from the latency database."""
     from dooly.export import export_vidur as run
 
     try:
         if engine != "vllm":
             raise DoolyError(f"engine {engine!r} cannot be exported to Vidur; engines: vllm")
         res = run(model, out, db=db, dtype=dtype, max_num_batched_tokens=max_num_batched_tokens,
-                  max_num_seqs=max_num_seqs, device=device)
+                  max_num_seqs=max_num_seqs, device=device, tensor_parallel_size=tensor_parallel_size)
     except DoolyError as e:
         _fail(e)
     m = res.manifest

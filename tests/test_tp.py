@@ -106,3 +106,51 @@ def test_search_over_tp_degrees_uses_the_tp_data_it_has(profiled_tp2):
     assert by_tp.loc[2, "goodput_per_device_rps"] == pytest.approx(by_tp.loc[2, "goodput_rps"] / 2)
     assert by_tp.loc[1, "status"] == "missing"
     assert "dooly profile dooly/tiny-llama" in by_tp.loc[1, "reason"] and "--tp" not in by_tp.loc[1, "reason"]
+
+
+def test_vidur_export_at_tp2_describes_one_worker_and_its_all_reduces(profiled_tp2, tp2_trace, tmp_path):
+    """`dooly export vidur --tensor-parallel-size 2`: rows keyed by the full model and 2 workers, one
+    rank's sharded ops, all_reduce.csv in the network dataset; a whole TP=2 step is conserved."""
+    import pandas as pd
+
+    from dooly.export import export_vidur
+    from dooly.export.vidur import num_tokens_points
+    from dooly.predict import Predictor, predict_step
+    from dooly.profile.batches import Batch
+    from dooly.profile.runner import FREE, classify
+
+    db, env = profiled_tp2
+    res = export_vidur("dooly/tiny-llama", tmp_path / "export", db=db.url, max_num_batched_tokens=128,
+                       max_num_seqs=8, tensor_parallel_size=2)
+    mlp, att, ar = res.mlp.set_index("num_tokens"), res.attention, res.all_reduce
+    assert (res.mlp["num_tensor_parallel_workers"] == 2).all() and (res.mlp["n_head"] == 8).all()
+    assert (att["num_tensor_parallel_workers"] == 2).all() and (att["n_kv_head"] == 4).all()
+    # Vidur keeps rows with num_workers == devices_per_node == TP and reads size / n_embd / 2 as tokens
+    assert (ar["num_workers"] == 2).all() and (ar["devices_per_node"] == 2).all() and (ar["collective"] == "all_reduce").all()
+    assert (ar["size"] / 512 / 2).tolist() == num_tokens_points(128)
+    v = res.manifest["vidur"]
+    net_repo = res.folder / "profiling_data" / "network" / f"datasets--{v['network_dataset'].replace('/', '--')}"
+    net = net_repo / "snapshots" / (net_repo / "refs" / "main").read_text()
+    assert pd.read_csv(net / "all_reduce.csv.xz").equals(pd.read_csv(res.folder / "data/profiling/network/cpu/all_reduce.csv"))
+    args = dict(zip(v["args"][::2], v["args"][1::2]))
+    assert args["--replica_config_tensor_parallel_size"] == "2"
+    assert args["--random_forrest_execution_time_predictor_config_nccl_cpu_launch_overhead_ms"] == "0"
+
+    pred = Predictor(db, env)
+    reduce_sig = next(o.signature for o in tp2_trace.ops if o.op == "_C::shm_allreduce")
+    assert ar.set_index(ar["size"] // 1024)["time_stats.all_reduce.median"].loc[64] == \
+        pytest.approx(pred.latency(reduce_sig, {"num_tokens": 64}).us / 1e3, rel=1e-9)
+    # a 128-token prefill step of one rank: 4 layers x (Vidur's per-layer ops + 2 all-reduces) + the
+    # embedding + what Vidur has no place for (final norm, logits, their all-gather) = dooly's TP=2 step
+    first_chunk = att[(att["prefill_chunk_size"] == 128) & (att["kv_cache_size"] == 0)].iloc[0]
+    ops = ("attn_pre_proj", "attn_post_proj", "mlp_up_proj", "mlp_down_proj", "mlp_act", "input_layernorm",
+           "post_attention_layernorm", "attn_rope", "add")
+    per_layer = sum(mlp.loc[128, f"time_stats.{c}.median"] for c in ops) + first_chunk["time_stats.attn_prefill.median"] \
+        + first_chunk["time_stats.attn_kv_cache_save.median"] + 2 * ar.set_index("size").loc[2 * 128 * 512,
+                                                                                          "time_stats.all_reduce.median"]
+    outside = sum(pred.latency(o.signature, {"num_tokens": 128, "num_reqs": 1}).us for o in tp2_trace.ops
+                  if o.module.startswith(("model.norm", "logits_processor")) and classify(o.op, o.attrs) != FREE) / 1e3
+    step = predict_step(tp2_trace, pred, Batch((0,), (128,)), overhead=False).us / 1e3
+    assert 4 * per_layer + mlp.loc[128, "time_stats.emb.median"] + outside == pytest.approx(step, rel=1e-9)
+    names = {(x["module"], x["op"]) for x in res.manifest["not_represented"]}
+    assert ("logits_processor", "_C::shm_all_gather") in names

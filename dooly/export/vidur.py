@@ -12,10 +12,15 @@ sklearn_execution_time_predictor.py) reads, per (device, model):
                  kv_cache_size cached tokens) or batch_size decodes at kv_cache_size;
                  time_stats.attn_prefill / attn_decode / attn_kv_cache_save .median (ms); rows
                  selected by n_embd, n_q_head, n_kv_head, block_size, num_tensor_parallel_workers
-  all_reduce.csv, send_recv.csv  collectives, read only at TP > 1 / PP > 1 (not written: TP = 1)
+  all_reduce.csv a row per all-reduce size (network dataset, read only at TP > 1): num_workers,
+                 devices_per_node, collective, size (bytes, 2 per element as Vidur converts them back
+                 to tokens), time_stats.all_reduce.median (ms) of one all-reduce of [num_tokens, hidden]
+                 between the workers, as dooly measured them between real ranks
+  send_recv.csv  pipeline-parallel transfers (PP > 1): not written, dooly does not model PP
 
 A value here is dooly's prediction at that point: over the traced ops that make up the Vidur op in
-every layer, the sum of count x predicted latency, divided by the number of layers. The rows are the
+every layer, the sum of count x predicted latency, divided by the number of layers (at TP > 1 the
+ops are one rank's shards, and an all-reduce row is the mean of the model's per-layer all-reduces). The rows are the
 points Vidur's own profiler measures (vidur/profiling/utils), within the engine's limits.
 
 The PyPI release loads profiles only through `huggingface_hub.snapshot_download`, which with
@@ -23,8 +28,9 @@ HF_HUB_OFFLINE=1 resolves a local Hugging Face cache; so OUT is laid out as one 
 Vidur's cache_dir (Vidur also stores its fitted regressors there):
 
   OUT/profiling_data/compute/datasets--dooly--<slug>/snapshots/<sha1>/{config.json,mlp.csv.xz,attention.csv.xz}
-  OUT/profiling_data/network/datasets--dooly--<slug>-net/snapshots/<sha1>/config.json
+  OUT/profiling_data/network/datasets--dooly--<slug>-net/snapshots/<sha1>/{config.json,all_reduce.csv.xz (TP > 1)}
   OUT/data/profiling/compute/<device>/<model>/{mlp,attention}.csv  (microsoft/vidur source-tree layout)
+  OUT/data/profiling/network/<device>/all_reduce.csv  (TP > 1)
   OUT/vidur_launch.py        registers the model and device with Vidur, then runs vidur.main
   OUT/manifest.json, README.md  which ops filled each column, what was extrapolated, what was not filled
 """
@@ -83,9 +89,13 @@ def vidur_op(op) -> str | None:
     None where Vidur's step model has no place for it."""
     from dooly.engines.vllm.attention import ATTENTION_OP, KV_UPDATE_OP
 
+    from dooly.profile.runner import COLLECTIVE, classify
+
     m = _LAYER.search(op.module)
     if m is None:
         return "emb" if op.module.endswith("embed_tokens") else None
+    if classify(op.op, op.attrs) == COLLECTIVE:  # inside o_proj / down_proj: Vidur's own all-reduce term
+        return "all_reduce" if "allreduce" in op.op.replace("_", "") else None
     if m.group(1) == "self_attn.attn":
         return {ATTENTION_OP: "attention", KV_UPDATE_OP: "attn_kv_cache_save"}.get(op.op)
     if op.op == "aten::add.Tensor" and [a.dims for a in op.args[:2]] == [("num_tokens", "hidden_size")] * 2:
@@ -223,6 +233,18 @@ class Tables:
             rows.append(row)
         return pd.DataFrame(rows)
 
+    def all_reduce(self, tp: int, hidden: int, max_tokens: int) -> pd.DataFrame:
+        """One all-reduce of [num_tokens, hidden] among `tp` workers per row: the mean over the model's
+        per-layer all-reduces (Vidur adds one after attention and one after the MLP in every layer)."""
+        calls = sum(p.count for p in self.parts.get("all_reduce", []))
+        rows = []
+        for n in num_tokens_points(max_tokens):
+            ms, extrapolated = self.total("all_reduce", self._stateless(n))
+            rows.append({"num_workers": tp, "devices_per_node": tp, "collective": "all_reduce", "size": 2 * n * hidden,
+                         "time_stats.all_reduce.median": ms * self.layers / calls,
+                         "dooly.all_reduce.extrapolated": extrapolated})
+        return pd.DataFrame(rows)
+
     def attention(self, keys: dict, max_len: int, max_tokens: int, max_seqs: int) -> pd.DataFrame:
         from dooly.profile.batches import Batch
 
@@ -250,12 +272,17 @@ class VidurExport:
     attention: pd.DataFrame  # the rows of attention.csv (plus flags)
     manifest: dict  # what manifest.json holds
     command: str  # the Vidur command line that uses the files (workload flags to add)
+    all_reduce: pd.DataFrame | None = None  # the rows of all_reduce.csv (TP > 1)
 
 
 def export_vidur(model: str, out, *, db: str | None = None, dtype: str = "bfloat16",
                  max_num_batched_tokens: int = 4096, max_num_seqs: int = 256, device: str = "cpu",
-                 threads: int | None = None) -> VidurExport:
-    """Write Vidur's profile files for `model` on vLLM, filled from the latency database, into `out`."""
+                 threads: int | None = None, tensor_parallel_size: int = 1) -> VidurExport:
+    """Write Vidur's profile files for `model` on vLLM, filled from the latency database, into `out`.
+
+    At `tensor_parallel_size` K > 1 the files describe one of K workers (the rank's sharded ops, as
+    Vidur's profiler measures them per worker) plus all_reduce.csv, from a database profiled with
+    `dooly profile MODEL --tp K`."""
     from dooly.catalog import resolve
     from dooly.db import LatencyDB
     from dooly.db.store import default_url
@@ -270,22 +297,30 @@ def export_vidur(model: str, out, *, db: str | None = None, dtype: str = "bfloat
         raise DoolyError(f"{out} exists and is not an empty folder; choose a new --out")
     if not re.fullmatch(r"[a-z0-9_]+", device):
         raise DoolyError(f"bad device name {device!r}: lowercase letters, digits and _ (a Vidur SKU name)")
-    for key, value in (("max_num_batched_tokens", max_num_batched_tokens), ("max_num_seqs", max_num_seqs)):
+    tp = tensor_parallel_size
+    for key, value in (("max_num_batched_tokens", max_num_batched_tokens), ("max_num_seqs", max_num_seqs),
+                       ("tensor_parallel_size", tp)):
         if value <= 0:
             raise DoolyError(f"{key} must be > 0, got {value}")
     spec = resolve(model)
     url = db or default_url()
-    hint = f"dooly profile {spec.name} --db {url}"
+    hint = f"dooly profile {spec.name}{f' --tp {tp}' if tp > 1 else ''} --db {url}"
     sched = VllmScheduler(spec.config, dtype, max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
     block, max_len = sched.cfg.cache_config.block_size, sched.max_model_len
+    num_blocks = sched.num_blocks
+    if tp > 1:  # the blocks dooly simulate gives a TP engine: every worker's KV space, 1/tp of the heads each
+        from dooly.sim.scheduler import kv_blocks, scheduler_settings
+
+        num_blocks = kv_blocks(scheduler_settings(spec.config, dtype, max_num_batched_tokens=max_num_batched_tokens,
+                                                  max_num_seqs=max_num_seqs), tp)
     vmodel = vidur_model_config(spec.name, spec.config, max_len)
-    trace = trace_model(spec, dtype=dtype)
+    trace = trace_model(spec, dtype=dtype, tp=tp)
     parts, unplaced = split_trace(trace)
-    missing = [name for name in REQUIRED if name not in parts]
+    missing = [name for name in (*REQUIRED, *(("all_reduce",) if tp > 1 else ())) if name not in parts]
     if missing:
         raise DoolyError(f"{spec.name}: no traced op maps to Vidur's {', '.join(missing)} (modules: "
                          f"{sorted({p.module for ps in parts.values() for p in ps})})")
-    env = current_environment("vllm", version(), dtype, threads or default_threads())
+    env = current_environment("vllm", version(), dtype, threads or default_threads(tp), tp=tp)
     try:
         predictor = Predictor(LatencyDB(url, create=False), env)
         for p in (p for ps in parts.values() for p in ps):
@@ -300,36 +335,41 @@ def export_vidur(model: str, out, *, db: str | None = None, dtype: str = "bfloat
         raise e if hint in str(e) else DoolyError(f"{e}; fill it with: {hint}") from None
     keys = {"n_head": vmodel["num_q_heads"], "n_q_head": vmodel["num_q_heads"], "n_kv_head": vmodel["num_kv_heads"],
             "n_embd": vmodel["embedding_dim"], "n_expanded_embd": vmodel["mlp_hidden_dim"],
-            "vocab_size": vmodel["vocab_size"], "use_gated_mlp": True, "num_tensor_parallel_workers": 1,
+            "vocab_size": vmodel["vocab_size"], "use_gated_mlp": True, "num_tensor_parallel_workers": tp,
             "block_size": block, "max_model_len": max_len,
             "attention_backend": dict(next(o.attrs for o in trace.ops if vidur_op(o) == "attention")).get("backend", "")}
     tables = Tables(parts, predictor, spec.name, vmodel["num_layers"])
     mlp = tables.mlp(keys, max_num_batched_tokens)
     attention = tables.attention(keys, max_len, max_num_batched_tokens, max_num_seqs)
+    all_reduce = tables.all_reduce(tp, vmodel["embedding_dim"], max_num_batched_tokens) if tp > 1 else None
 
-    compute_id = f"dooly/{_slug(f'{spec.name}-{device}')}"
+    compute_id = f"dooly/{_slug(f'{spec.name}-{device}' + (f'-tp{tp}' if tp > 1 else ''))}"
     network_id = f"{compute_id}-net"
-    args = vidur_args(spec.name, device, out, compute_id, network_id, block, sched.num_blocks, max_len,
-                      max_num_batched_tokens, max_num_seqs)
+    args = vidur_args(spec.name, device, out, compute_id, network_id, block, num_blocks, max_len,
+                      max_num_batched_tokens, max_num_seqs, tp)
     command = ("HF_HUB_OFFLINE=1 WANDB_MODE=disabled python " + str(out / "vidur_launch.py") + " " + " ".join(args)
                + " WORKLOAD_FLAGS")
     ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
-    manifest = _manifest(spec.name, trace, env, url, parts, unplaced, mlp, attention, predictor, command)
+    manifest = _manifest(spec.name, trace, env, url, parts, unplaced, mlp, attention, all_reduce, predictor, command)
     manifest["vidur"] = {"version": VIDUR_VERSION, "model_name": spec.name, "model_config": vmodel,
                          "device": device, "device_config": {"fp16_tflops": None, "total_memory_gb": round(ram_gib, 2)},
                          "device_note": "total_memory_gb: this machine's RAM (the CPU engine's device memory); the KV "
                                         "capacity is --cache_config_num_blocks, what dooly simulate gives the engine",
-                         "network_device": device, "num_devices_per_node": 1,
+                         "network_device": device, "num_devices_per_node": tp,
                          "compute_dataset": compute_id, "network_dataset": network_id, "args": args}
-    _write(out, spec.name, device, mlp, attention, manifest, compute_id, network_id)
-    return VidurExport(out, mlp, attention, manifest, command)
+    _write(out, spec.name, device, mlp, attention, all_reduce, manifest, compute_id, network_id)
+    return VidurExport(out, mlp, attention, manifest, command, all_reduce)
 
 
-def vidur_args(model, device, out, compute_id, network_id, block, num_blocks, max_len, max_tokens, max_seqs) -> list:
+def vidur_args(model, device, out, compute_id, network_id, block, num_blocks, max_len, max_tokens, max_seqs,
+               tp: int = 1) -> list:
     """Vidur flags that read the export and mirror `dooly simulate`'s vLLM set-up."""
     pre = "--random_forrest_execution_time_predictor_config_"  # Vidur's default predictor
+    # at TP > 1 the measured all-reduce already holds its launch: no NCCL launch / skew terms on top
+    network = [f"{pre}nccl_cpu_launch_overhead_ms", "0", f"{pre}nccl_cpu_skew_overhead_per_device_ms", "0"] \
+        if tp > 1 else []
     return ["--replica_config_model_name", model, "--replica_config_device", device,
-            "--replica_config_network_device", device, "--replica_config_tensor_parallel_size", "1",
+            "--replica_config_network_device", device, "--replica_config_tensor_parallel_size", str(tp),
             "--replica_config_num_pipeline_stages", "1",
             # the engine's KV cache: its block size and the blocks dooly simulate gives it
             "--cache_config_block_size", str(block), "--cache_config_num_blocks", str(num_blocks),
@@ -342,10 +382,11 @@ def vidur_args(model, device, out, compute_id, network_id, block, num_blocks, ma
             # the grid Vidur precomputes (lookups outside it raise KeyError): what the engine can schedule
             f"{pre}prediction_max_tokens_per_request",
             str(math.ceil(max(max_len, max_tokens) / KV_GRANULARITY) * KV_GRANULARITY),
-            f"{pre}prediction_max_batch_size", str(max_seqs), f"{pre}prediction_max_prefill_chunk_size", str(max_tokens)]
+            f"{pre}prediction_max_batch_size", str(max_seqs), f"{pre}prediction_max_prefill_chunk_size", str(max_tokens),
+            *network]
 
 
-def _manifest(model, trace, env, url, parts, unplaced, mlp, attention, predictor, command) -> dict:
+def _manifest(model, trace, env, url, parts, unplaced, mlp, attention, all_reduce, predictor, command) -> dict:
     from dooly.predict.overhead import OVERHEAD_SIG
 
     def flagged(df, ops):
@@ -356,8 +397,8 @@ def _manifest(model, trace, env, url, parts, unplaced, mlp, attention, predictor
          "dooly predicts a median per point (it stores median and interquartile range per measurement); "
          "Vidur's predictor reads only .median"} for s in PROFILER_STATS]
     not_filled += [
-        {"what": "network all_reduce.csv, send_recv.csv", "reason": "dooly does not profile collectives yet; Vidur "
-         "reads them only at tensor_parallel_size > 1 / num_pipeline_stages > 1, so this export is TP = PP = 1"},
+        {"what": "network send_recv.csv", "reason": "dooly does not model pipeline parallelism; Vidur reads it "
+         "only at num_pipeline_stages > 1, so this export is PP = 1"},
         {"what": "device fp16_tflops", "reason": "unknown to dooly; Vidur uses it only for its MFU metric (left NaN)"},
         {"what": "attention rows Vidur's profiler drops for GPU memory", "reason":
          "none dropped: every grid point is predicted (see the extrapolated counts)"}]
@@ -371,11 +412,18 @@ def _manifest(model, trace, env, url, parts, unplaced, mlp, attention, predictor
     if predictor.model(OVERHEAD_SIG) is not None:
         not_represented.append({"module": "(engine)", "op": "per-step overhead (dooly calibrate)", "count": 1,
                                 "reason": "Vidur 0.0.26 has no per-step CPU overhead term"})
+    if all_reduce is None:
+        not_filled.append({"what": "network all_reduce.csv", "reason": "Vidur reads it only at tensor_parallel_size "
+                           "> 1; export with --tensor-parallel-size K from a `dooly profile --tp K` database"})
+    files = {"mlp.csv": {"rows": len(mlp), "extrapolated_rows": flagged(mlp, (*MLP_OPS, "emb"))},
+             "attention.csv": {"rows": len(attention), "extrapolated_rows": flagged(attention, ATTENTION_OPS)}}
+    if all_reduce is not None:
+        files["all_reduce.csv"] = {"rows": len(all_reduce), "extrapolated_rows": flagged(all_reduce, ("all_reduce",))}
     return {
         "model": model, "engine": "vllm", "engine_version": trace.engine_version, "dtype": trace.dtype,
+        "tensor_parallel_size": trace.tp,
         "database": url, "environment": json.loads(env.to_json()), "environment_key": env.key,
-        "files": {"mlp.csv": {"rows": len(mlp), "extrapolated_rows": flagged(mlp, (*MLP_OPS, "emb"))},
-                  "attention.csv": {"rows": len(attention), "extrapolated_rows": flagged(attention, ATTENTION_OPS)}},
+        "files": files,
         "op_map": {name: [{"module": p.module, "op": p.op, "signature": p.signature, "count": p.count}
                           for p in ps] for name, ps in sorted(parts.items())},
         "unmapped_vidur_ops": [o for o in MLP_OPS if o not in parts],
@@ -407,7 +455,7 @@ def _readme(m: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write(out: Path, model: str, device: str, mlp, attention, manifest, compute_id, network_id) -> None:
+def _write(out: Path, model: str, device: str, mlp, attention, all_reduce, manifest, compute_id, network_id) -> None:
     """Everything into a temporary sibling folder, renamed to `out` at the end: never half an export."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -424,8 +472,15 @@ def _write(out: Path, model: str, device: str, mlp, attention, manifest, compute
             xz[f"{name}.xz"] = buf.getvalue()
         meta = json.dumps({"model": model, "device_sku": device}).encode()
         _hf_snapshot(tmp / "profiling_data" / "compute", compute_id, {"config.json": meta, **xz})
-        _hf_snapshot(tmp / "profiling_data" / "network", network_id,
-                     {"config.json": json.dumps({"sku": device}).encode()})
+        network = {"config.json": json.dumps({"sku": device}).encode()}
+        if all_reduce is not None:
+            plain_net = tmp / "data" / "profiling" / "network" / device
+            plain_net.mkdir(parents=True)
+            all_reduce.to_csv(plain_net / "all_reduce.csv", index=False)
+            buf = io.BytesIO()
+            all_reduce.to_csv(buf, index=False, compression="xz")
+            network["all_reduce.csv.xz"] = buf.getvalue()
+        _hf_snapshot(tmp / "profiling_data" / "network", network_id, network)
         shutil.copyfile(Path(__file__).with_name("vidur_launch.py"), tmp / "vidur_launch.py")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
         (tmp / "README.md").write_text(_readme(manifest))

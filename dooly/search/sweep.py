@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import re
 from collections import deque
 from dataclasses import dataclass
@@ -127,14 +126,12 @@ class Workbench:
 
     def scheduler(self, c: Configuration):
         """A fresh FastScheduler for the configuration, its KV blocks those of one rank."""
-        from dooly.sim.scheduler import FastScheduler, scheduler_settings
+        from dooly.sim.scheduler import FastScheduler, kv_blocks, scheduler_settings
 
         spec, kw = self.spec(c.model), c.engine_kwargs()
         num_blocks = None
         if c.tensor_parallel_size > 1:  # each rank holds 1/tp of the KV heads in its own KV space
-            st = scheduler_settings(spec.config, c.dtype, **kw)
-            gib = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 4)
-            num_blocks = int(gib * (1 << 30) // (st["kv_bytes_per_block"] // c.tensor_parallel_size))
+            num_blocks = kv_blocks(scheduler_settings(spec.config, c.dtype, **kw), c.tensor_parallel_size)
         return FastScheduler(spec.config, c.dtype, num_blocks=num_blocks, **kw)
 
 

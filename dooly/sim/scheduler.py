@@ -147,8 +147,7 @@ class FastScheduler:
         self.reserve_full = st["scheduler_reserve_full_isl"]
         self.caching = st["enable_prefix_caching"]
         if num_blocks is None:  # what the CPU engine gets from VLLM_CPU_KVCACHE_SPACE (default 4 GiB), as VllmScheduler
-            gib = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 4)
-            num_blocks = int(gib * (1 << 30) // st["kv_bytes_per_block"])
+            num_blocks = kv_blocks(st)
         self.num_blocks = num_blocks
         self.watermark_blocks = int(st["watermark"] * num_blocks)
         self.pool = BlockPool(num_blocks)
@@ -311,6 +310,13 @@ class FastScheduler:
                 tokens = tuple(prompt[a:]) + self._ones[: b - p]
             prev = hash((prev, tokens))
             hashes.append(prev)
+
+
+def kv_blocks(settings: dict, tp: int = 1) -> int:
+    """KV-cache blocks vLLM's CPU engine gets: VLLM_CPU_KVCACHE_SPACE GiB (default 4) per worker; at
+    tensor-parallel degree `tp` each of the `tp` workers holds 1/tp of the KV heads in that space."""
+    gib = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 4)
+    return int(gib * (1 << 30) * tp // settings["kv_bytes_per_block"])
 
 
 def scheduler_settings(config: dict, dtype: str = "bfloat16", **engine_kwargs) -> dict:
