@@ -122,3 +122,15 @@ def test_tp2_profile_on_ray_measures_collectives_in_their_own_group(tmp_path):
     assert {"_C::shm_allreduce", "_C::shm_all_gather"} <= ops
     (run,) = db.runs()
     assert run["status"] == "done" and run["measured"] == sum(row["points"] for row in listing)
+
+
+def test_a_task_no_node_can_hold_is_refused_before_any_work():
+    """Ray would queue such a task forever; dooly names the shortfall instead (real local instance)."""
+    from dooly.cluster import ray_session, usable_cores
+    from dooly.errors import DoolyError
+    from dooly.profile.distributed import _check_fits
+
+    with ray_session("local") as ray:
+        _check_fits(ray, [{"num_cpus": 1}, {"num_cpus": usable_cores()}])  # fits: no error
+        with pytest.raises(DoolyError, match=f"needs {usable_cores() + 1} CPUs on one node"):
+            _check_fits(ray, [{"num_cpus": 1}, {"num_cpus": usable_cores() + 1}])

@@ -105,6 +105,7 @@ def run_distributed(plan: ProfilePlan, db: LatencyDB, address: str | None = None
         workers = max(1, cpus // plan.env.threads) if plan.env.device == "cpu" else \
             max(1, int(ray.cluster_resources().get("GPU", 0)))
         parts = shard(plan, workers * SHARDS_PER_WORKER)
+        _check_fits(ray, [resources(p) for p in parts])
         run_id = db.start_run(env_key, plan.models)
         status, error, failed = "interrupted", None, {}
         try:
@@ -129,6 +130,17 @@ def run_distributed(plan: ProfilePlan, db: LatencyDB, address: str | None = None
         raise DoolyError(f"{error.rstrip('.')} ({summary.points_measured} points stored, {lost} not: "
                          f"run the same command again to resume)")
     return summary
+
+
+def _check_fits(ray, asks: list[dict]) -> None:
+    """A task no node can hold would wait forever: say so before any work."""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    for kind, name in (("num_cpus", "CPU"), ("num_gpus", "GPU")):
+        need = max((a.get(kind, 0) for a in asks), default=0)
+        most = max((n.get(name, 0) for n in nodes), default=0)
+        if need > most:
+            raise DoolyError(f"a profiling task needs {need:g} {name}s on one node (a worker's threads, or a "
+                             f"tensor-parallel group's); the largest node of this Ray cluster has {most:g}")
 
 
 def _check_shared(ray, db: LatencyDB) -> None:
