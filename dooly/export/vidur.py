@@ -236,12 +236,12 @@ class Tables:
     def all_reduce(self, tp: int, hidden: int, max_tokens: int) -> pd.DataFrame:
         """One all-reduce of [num_tokens, hidden] among `tp` workers per row: the mean over the model's
         per-layer all-reduces (Vidur adds one after attention and one after the MLP in every layer)."""
-        calls = sum(p.count for p in self.parts.get("all_reduce", []))
+        calls_per_layer = sum(p.count for p in self.parts.get("all_reduce", [])) / self.layers
         rows = []
         for n in num_tokens_points(max_tokens):
-            ms, extrapolated = self.total("all_reduce", self._stateless(n))
+            ms, extrapolated = self.total("all_reduce", self._stateless(n))  # per layer
             rows.append({"num_workers": tp, "devices_per_node": tp, "collective": "all_reduce", "size": 2 * n * hidden,
-                         "time_stats.all_reduce.median": ms * self.layers / calls,
+                         "time_stats.all_reduce.median": ms / calls_per_layer,
                          "dooly.all_reduce.extrapolated": extrapolated})
         return pd.DataFrame(rows)
 
