@@ -53,6 +53,7 @@ def model_context(model: str, db: str | None, dtype: str, tp: int, threads: int 
     from dooly.engines.vllm import version
     from dooly.predict import Predictor
     from dooly.profile import current_environment, default_threads
+    from dooly.profile.runner import refuse_unprofilable
     from dooly.trace import trace_model
 
     for name, value in limits.items():
@@ -60,6 +61,7 @@ def model_context(model: str, db: str | None, dtype: str, tp: int, threads: int 
             raise DoolyError(f"{name} must be > 0, got {value}")
     spec = resolve(model)
     trace = trace_model(spec, dtype=dtype, tp=tp, cache=True)
+    refuse_unprofilable(trace, "predict")
     env = current_environment("vllm", version(), dtype, threads or default_threads(tp), tp=tp)
     return spec, trace, Predictor(LatencyDB(db, create=False), env)
 

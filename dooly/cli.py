@@ -86,8 +86,66 @@ def trace(
     console.print(f"{len(t.ops)} ops executed, {len(t.signatures())} signatures, "
                   f"{hidden} metadata-only ops hidden (--all shows them), unresolved dims: {t.unresolved}, "
                   f"traced in {t.seconds:.2f} s")
+    if t.dispatch_key:
+        console.print(f"kernels as dispatched on this CPU ({t.dispatch_key})", highlight=False)
+    _print_not_profilable(t)
     for note in t.notes:
         console.print(f"note: {note}", highlight=False)
+
+
+def _print_not_profilable(t) -> bool:
+    """List the trace's ops this machine cannot measure; True when there are none."""
+    from dooly.profile.runner import not_profilable
+
+    blocked = not_profilable(t)
+    for sig, (op, why) in blocked.items():
+        console.print(f"not profilable here: {op} [{sig[:8]}]: {why}", highlight=False)
+    return not blocked
+
+
+@app.command()
+def env(
+    model: Optional[str] = typer.Argument(None, help="also show where this model's GEMMs go here"),
+    tp: int = typer.Option(1, "--tp", help="tensor-parallel degree of the environment key"),
+    dtype: str = typer.Option("bfloat16", help="bfloat16 | float16 | float32"),
+) -> None:
+    """This machine's environment key (the one its measurements are stored under) and, given a model,
+    the kernel each of its GEMMs is dispatched to here and whether every op is profilable here."""
+    from dooly.engines import vllm as eng
+    from dooly.engines.vllm.kernels import GEMM_OPS, KERNEL_NAMES
+    from dooly.profile import current_environment, default_threads
+    from dooly.trace.records import fold_layers
+
+    try:
+        if tp < 1:
+            raise DoolyError(f"--tp must be a positive integer, got {tp}")
+        e = current_environment("vllm", eng.version(), dtype, default_threads(tp), tp=tp)
+        t = _trace(model, "vllm", tp, dtype) if model else None
+    except DoolyError as ex:
+        _fail(ex)
+    table = Table("field", "value", title="environment key of this machine")
+    for field_, value in (("device", e.device), ("CPU", e.device_name), ("ISA flags", e.isa or "-"),
+                          ("AMX tiles", "yes" if "amx_tile" in e.isa.split(",") else "no"),
+                          ("kernel dispatch", eng.dispatch_key()), ("engine", e.engine_version),
+                          ("torch", e.torch_version), ("dtype", e.dtype), ("threads", str(e.threads)),
+                          ("binding", e.binding), ("timing method", e.timing)):
+        table.add_row(field_, escape(str(value)))
+    console.print(table)
+    if t is None:
+        return
+    gemms = Table("module", "op", "kernel here", "dims by origin", title=f"GEMMs of {t.model} on this CPU")
+    seen = set()
+    for op in t.ops:
+        key = (fold_layers(op.module), op.op)
+        if op.op in GEMM_OPS and key not in seen:
+            seen.add(key)
+            dims = "; ".join("[" + ", ".join(d) + "]" for a in op.args for d in a.tensor_dims())
+            isa = [a.value.strip("'") for a in op.args if a.kind == "const" and a.value in ("'amx'", "'vec'", "'neon'")]
+            kernel = KERNEL_NAMES.get(op.op, op.op) + (f" ({isa[0]})" if isa else "")
+            gemms.add_row(key[0], op.op, kernel, escape(dims))
+    console.print(gemms)
+    if _print_not_profilable(t):
+        console.print(f"every op of {t.model} is profilable here ({len(t.signatures())} signatures)")
 
 
 @app.command()

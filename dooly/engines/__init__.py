@@ -2,7 +2,9 @@
 
 An engine module exposes:
   NAME, version() -> str, request_vars: tuple[str, ...]
-  run_trace(config: dict, tp: int, dtype: str) -> RunResult   (one traced forward pass per phase)
+  run_trace(config: dict, tp: int, dtype: str, pinned: dict | None) -> RunResult
+      one traced forward pass per phase; `pinned` = another run's `dispatch` (kernels to reuse)
+  dispatch_key() -> str   the hardware predicates its kernel dispatch reads (part of a trace's cache key)
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ class RunResult:
     symbols: dict  # sympy Symbol of the run's ShapeEnv -> request variable name
     guards: list = field(default_factory=list)  # conditions on request vars the run assumed (text)
     specialized: list = field(default_factory=list)  # request vars the engine pinned to a constant
+    dispatch: dict = field(default_factory=dict)  # layer name -> kernel choice made at weight loading;
+    #                                               given back as run_trace(pinned=...) to perturbed runs
+    dispatch_key: str = ""  # the hardware predicates the engine's kernel dispatch read ("" = none)
 
 
 def get_engine(name: str):

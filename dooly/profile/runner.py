@@ -100,8 +100,37 @@ class ProfileSummary:
         return 100.0 * (1 - self.device_s / self.baseline_s) if self.baseline_s > 0 else 0.0
 
 
+def not_profilable(trace: Trace) -> dict[str, tuple[str, str]]:
+    """Signatures of `trace` this machine cannot measure: signature -> (op, why). A trace made here
+    has none; one made for another CPU's kernels (e.g. AMX) can."""
+    import importlib.util
+
+    name = f"dooly.engines.{trace.engine}.replay"
+    if importlib.util.find_spec(name) is None:
+        return {}
+    blocker = getattr(importlib.import_module(name), "replay_blocker", None)
+    out: dict[str, tuple[str, str]] = {}
+    for g in trace.groups():
+        if blocker is not None and classify(g.op, g.attrs) in (STATELESS, STATEFUL) and g.signature not in out:
+            why = blocker(g.op, g.signature_text, dict(g.attrs))
+            if why:
+                out[g.signature] = (g.op, why)
+    return out
+
+
+def refuse_unprofilable(trace: Trace, action: str) -> None:
+    """One line, and no work, when `trace` holds ops this machine cannot measure (never left out)."""
+    blocked = not_profilable(trace)
+    if blocked:
+        ops = sorted({f"{op} ({why})" for op, why in blocked.values()})
+        raise DoolyError(f"cannot {action} {trace.model}: {len(blocked)} of its ops are not profilable here: "
+                         f"{'; '.join(ops)}")
+
+
 def plan_profile(traces: list[Trace], env: Environment, stored: dict, grid: str = "full",
                  limits: Limits = Limits()) -> ProfilePlan:
+    for t in traces:
+        refuse_unprofilable(t, "profile")
     work: dict[str, SignatureWork] = {}
     needs: dict[str, set] = {}
     deferred: dict[str, tuple] = {}
@@ -155,7 +184,8 @@ def _estimate_point_s(text: str, values: dict) -> float:
     shapes = [[evaluate(d, values) for d in a["t"]] for a in sig["args"] if "t" in a]
     nbytes = sum(2 * math.prod(s) for s in shapes)
     flops = 0
-    if sig["op"] in ("_C::onednn_mm", "aten::mm", "aten::linear", "aten::addmm") and len(shapes) >= 2:
+    if sig["op"] in ("_C::onednn_mm", "_C::weight_packed_linear", "aten::mm", "aten::linear", "aten::addmm") \
+            and len(shapes) >= 2:
         m, n = shapes[0][0], shapes[0][-1]
         k = shapes[1][-1]
         flops = 2 * m * n * k

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from dooly.trace.records import ArgSpec, Trace, TracedOp
 
-FORMAT = 1
+FORMAT = 2
 
 
 def cache_dir() -> Path:
@@ -37,8 +37,12 @@ def _code_digest(engine: str) -> str:
     return h.hexdigest()
 
 
-def cache_key(config: dict, engine: str, engine_version: str, tp: int, dtype: str, backend, hints) -> str:
-    text = json.dumps([FORMAT, config, engine, engine_version, tp, dtype, backend, hints, _code_digest(engine)],
+def cache_key(config: dict, engine: str, engine_version: str, tp: int, dtype: str, backend, hints,
+              dispatch_key: str = "") -> str:
+    """`dispatch_key`: the hardware predicates the engine's kernel choices read (the same cache may
+    be read on another CPU: an AMX machine's trace is not this one's)."""
+    text = json.dumps([FORMAT, config, engine, engine_version, tp, dtype, backend, hints, dispatch_key,
+                       _code_digest(engine)],
                       sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()
 
@@ -58,7 +62,7 @@ def dump(trace: Trace) -> dict:
     return {"format": FORMAT, "model": trace.model, "engine": trace.engine, "engine_version": trace.engine_version,
             "tp": trace.tp, "dtype": trace.dtype, "config_params": trace.config_params, "config": trace.config,
             "request_vars": list(trace.request_vars), "unresolved": trace.unresolved, "guards": trace.guards,
-            "notes": trace.notes, "seconds": trace.seconds,
+            "notes": trace.notes, "seconds": trace.seconds, "dispatch_key": trace.dispatch_key,
             "ops": [{"op": o.op, "module": o.module, "phase": o.phase, "args": [_arg_to_json(a) for a in o.args],
                      "attrs": [list(kv) for kv in o.attrs], "signature": o.signature,
                      "signature_text": o.signature_text, "unresolved": o.unresolved} for o in trace.ops]}
@@ -71,7 +75,8 @@ def load(d: dict) -> Trace:
     return Trace(model=d["model"], engine=d["engine"], engine_version=d["engine_version"], tp=d["tp"],
                  dtype=d["dtype"], config_params=d["config_params"], config=d["config"],
                  request_vars=tuple(d["request_vars"]), ops=ops, unresolved=d["unresolved"], guards=d["guards"],
-                 notes=d["notes"] + ["read from the trace cache"], seconds=d["seconds"])
+                 notes=d["notes"] + ["read from the trace cache"], seconds=d["seconds"],
+                 dispatch_key=d["dispatch_key"])
 
 
 def get(key: str) -> Trace | None:

@@ -230,7 +230,8 @@ def trace_model(spec: ModelSpec, engine: str = "vllm", tp: int = 1, dtype: str =
     if cache:
         from dooly.trace import cache as trace_cache
 
-        key = trace_cache.cache_key(spec.config, engine, eng.version(), tp, dtype, attention_backend, hints)
+        key = trace_cache.cache_key(spec.config, engine, eng.version(), tp, dtype, attention_backend, hints,
+                                    eng.dispatch_key())
         hit = trace_cache.get(key)
         if hit is not None:
             return dataclasses.replace(hit, model=spec.name)
@@ -248,7 +249,9 @@ def trace_model(spec: ModelSpec, engine: str = "vllm", tp: int = 1, dtype: str =
     runs, param_runs = [real], [params]
     for r in range(1, PERTURBED_RUNS + 1):
         cfg_r, tp_r = perturbed_config(spec.config, tp, r, REDUCED_LAYERS if reduced else None)
-        runs.append(eng.run_trace(cfg_r, tp=tp_r, dtype=dtype, **kwargs))
+        # the perturbed sizes may cross the engine's kernel-dispatch thresholds: pin the real run's kernels
+        pinned = {"pinned": real.dispatch} if real.dispatch else {}
+        runs.append(eng.run_trace(cfg_r, tp=tp_r, dtype=dtype, **kwargs, **pinned))
         param_runs.append(config_params(cfg_r, tp_r))
     maps = [list(range(len(real.ops)))] + [_align(real.ops, r.ops, reduced) for r in runs[1:]]
     convs = [_rename(r) for r in runs]
@@ -271,7 +274,7 @@ def trace_model(spec: ModelSpec, engine: str = "vllm", tp: int = 1, dtype: str =
     return Trace(model=spec.name, engine=engine, engine_version=eng.version(), tp=tp, dtype=dtype,
                  config_params=params, config=spec.config, request_vars=eng.request_vars, ops=traced,
                  unresolved=lab.unresolved, guards=guards, notes=notes,
-                 seconds=time.perf_counter() - start)
+                 seconds=time.perf_counter() - start, dispatch_key=real.dispatch_key)
 
 
 def _convert(a: RawArg, conv) -> RawArg:

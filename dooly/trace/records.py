@@ -126,6 +126,7 @@ class Trace:
     guards: list = field(default_factory=list)  # conditions on request vars the trace assumed
     notes: list = field(default_factory=list)  # how labels were obtained, fallbacks taken
     seconds: float = 0.0  # wall time of tracing (build + forward passes + labelling)
+    dispatch_key: str = ""  # hardware predicates the engine's kernel choices followed (e.g. amx_tile=1,...)
 
     def groups(self) -> list[OpGroup]:
         out: dict[tuple, OpGroup] = {}
@@ -153,6 +154,7 @@ class Trace:
             "unresolved": self.unresolved,
             "guards": self.guards,
             "notes": self.notes,
+            "dispatch": self.dispatch_key,
             "seconds": round(self.seconds, 3),
             "num_ops": len(self.ops),
             "ops": [

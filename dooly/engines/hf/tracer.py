@@ -59,6 +59,11 @@ def build_config(config: dict):
         raise DoolyError(f"transformers rejected the config: {str(e).splitlines()[0]}") from None
 
 
+def dispatch_key() -> str:
+    """HF model code calls aten ops; torch picks their kernels inside the op, unseen by the trace."""
+    return ""
+
+
 def attention_backends() -> list[str]:
     return list(ATTN_IMPLEMENTATIONS)
 

@@ -52,13 +52,33 @@ def start_engine(config: dict, dtype: str = "bfloat16", kv_cache_gib: int = 1, t
 
 
 def stop_engine(llm) -> None:
-    """Shut the engine down now (its TP worker processes included), not whenever it is collected."""
+    """Shut the engine down now (its TP worker processes included), not whenever it is collected.
+
+    The process-wide parallel groups stay: vLLM's in-process EngineCore destroys them on shutdown,
+    but every in-process engine of this process shares them (vLLM reuses groups of the same sizes),
+    so another engine still serving here would lose its pipeline group in mid-step."""
     import gc
 
     core = getattr(llm.llm_engine, "engine_core", None)
     if core is not None and hasattr(core, "shutdown"):
-        core.shutdown()
+        with _process_groups_kept():
+            core.shutdown()
     gc.collect()
+
+
+@contextlib.contextmanager
+def _process_groups_kept():
+    """Inside the block, vLLM's engine shutdown releases memory but leaves the parallel groups."""
+    import gc
+
+    from vllm.v1.engine import core as engine_core
+
+    saved = engine_core.cleanup_dist_env_and_memory
+    engine_core.cleanup_dist_env_and_memory = lambda shutdown_ray=False: gc.unfreeze()
+    try:
+        yield
+    finally:
+        engine_core.cleanup_dist_env_and_memory = saved
 
 
 def model_runner(llm):

@@ -1,11 +1,14 @@
-"""Replay rules for vLLM's CPU custom ops whose inputs are more than random tensors."""
+"""Replay rules for vLLM's CPU custom ops whose inputs are more than random tensors, and what this
+machine cannot replay."""
 
 from __future__ import annotations
+
+import re
 
 import torch
 import vllm._custom_ops  # noqa: F401 - registers the _C ops replayed here (a worker may not have traced)
 
-from dooly.profile.replay import replay_rule
+from dooly.profile.replay import NotReplayable, replay_rule, resolve_op
 
 
 @replay_rule("_C::onednn_mm")
@@ -20,12 +23,58 @@ def _onednn_mm(args, kwargs):
     return [out, x, bias, handler.handler_tensor], kwargs, [weight, handler]
 
 
+@replay_rule("_C::weight_packed_linear")
+def _weight_packed_linear(args, kwargs):
+    # _C::weight_packed_linear(out [M, N], x [M, K], packed, bias [N] fp32?, is_vnni): the packed
+    # operand is what vLLM's dispatch makes at load: _C::convert_weight_packed of the [N, K] weight
+    # (VNNI layout, same dtype; fp32 [K, N] when N < 16). Packed here by that same op.
+    out, x, packed = args[0], args[1], args[2]
+    dtype = x.dtype if packed.dtype == torch.float32 else packed.dtype
+    weight = torch.randn(out.shape[-1], x.shape[-1], dtype=torch.float32).to(dtype)
+    args[2] = torch.ops._C.convert_weight_packed(weight)
+    if tuple(args[2].shape) != tuple(packed.shape) or args[2].dtype != packed.dtype:
+        raise NotReplayable(f"_C::convert_weight_packed gave {tuple(args[2].shape)} {args[2].dtype} here, "
+                            f"the trace has {tuple(packed.shape)} {packed.dtype}")
+    return args, kwargs, [weight]
+
+
 @replay_rule("_C::cpu_fused_moe")
 def _cpu_fused_moe(args, kwargs):
-    # topk ids must name real experts: each token picks k distinct experts uniformly at random
+    # expert weights prepacked for the traced ISA as vLLM's CPU experts do at load
+    # (_C::prepack_moe_weight); topk ids must name real experts: each token picks k distinct
+    # experts uniformly at random
+    isa = args[10]
+    args[2] = _prepacked(args[2], isa)
+    args[3] = _prepacked(args[3], isa)
     num_experts = args[2].shape[0]
     ids = args[7]
     tokens, k = ids.shape
     args[7] = torch.rand(tokens, num_experts).argsort(dim=1)[:, :k].to(ids.dtype).contiguous()
     args[6] = torch.softmax(torch.randn(tokens, k), dim=1).to(args[6].dtype)
     return args, kwargs, []
+
+
+def _prepacked(weight: torch.Tensor, isa: str) -> torch.Tensor:
+    packed = torch.empty_like(weight)
+    torch.ops._C.prepack_moe_weight(weight, packed, isa)
+    return packed
+
+
+_ISA_ARG = re.compile(r"\"c\":\"'(amx|vec|vec16|neon|vsx|vxe|rvv)'\"")
+
+
+def replay_blocker(op: str, signature_text: str, attrs: dict) -> str | None:
+    """Why this op cannot be measured on this machine, in a few words (None: it can): an ISA it was
+    traced with that this CPU lacks, or an op this build of the engine does not have."""
+    if op.startswith("vllm::"):  # leaf ops measured through the engine's own set-up (attention rig)
+        isa = attrs.get("isa")
+    else:
+        try:
+            resolve_op(op)
+        except NotReplayable:
+            return "not in this build of the engine"
+        found = _ISA_ARG.search(signature_text)
+        isa = found.group(1) if found else None
+    if isa == "amx" and not torch.cpu._is_amx_tile_supported():
+        return "traced for AMX tiles (isa 'amx'); this CPU has none"
+    return None

@@ -55,32 +55,49 @@ def _quiet():
         logger.setLevel(level)
 
 
-def ensure_world() -> None:
-    """A single-process world (rank 0 of 1, gloo); model-parallel groups made for the current config.
+# vLLM's process-wide model-parallel groups (parallel_state module globals)
+_GROUPS = ("_TP", "_ETP", "_ENGRAM_DP", "_DCP", "_PCP", "_PP", "_DP", "_EP", "_EPLB")
 
-    vLLM creates some groups (e.g. expert parallel) only for configs that need them, so the groups
-    are rebuilt for every model; the process group itself is initialised once per process.
+
+@contextlib.contextmanager
+def private_world():
+    """A single-process world (rank 0 of 1, gloo) with model-parallel groups made for the current
+    config, private to the block.
+
+    vLLM keeps its groups in module globals. An in-process engine in this process (validate,
+    calibrate, tests) holds its own: they are set aside for the block and put back untouched after
+    it, and the block's groups are destroyed. vLLM creates some groups (e.g. expert parallel) only
+    for configs that need them, so they are made anew for every block. The process group itself is
+    initialised once per process (by whichever comes first) and shared: both are worlds of one.
     """
     from vllm.distributed import parallel_state as ps
 
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
-    ps.init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
-                                    distributed_init_method=f"file://{_WORLD_DIR}/world")
-    ps.ensure_model_parallel_initialized(1, 1)
+    saved = {name: getattr(ps, name) for name in _GROUPS if hasattr(ps, name)}
+    for name in saved:
+        setattr(ps, name, None)
+    try:
+        ps.init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
+                                        distributed_init_method=f"file://{_WORLD_DIR}/world")
+        ps.ensure_model_parallel_initialized(1, 1)
+        yield
+    finally:
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        for name, group in saved.items():
+            setattr(ps, name, group)
 
 
 @contextlib.contextmanager
 def worker_context(cfg):
-    """What a vLLM worker sets up before running its model: current config, IR op priorities,
-    the platform's kernel overrides (on CPU: C++ stand-ins for vLLM's Triton kernels)."""
+    """What a vLLM worker sets up before running its model: current config, a private one-process
+    world, IR op priorities, the platform's kernel overrides (on CPU: C++ stand-ins for vLLM's
+    Triton kernels)."""
     import vllm.ir
     from vllm.config import set_current_vllm_config
     from vllm.platforms import current_platform
 
-    with set_current_vllm_config(cfg):
+    with set_current_vllm_config(cfg), private_world():
         current_platform.register_triton_kernel_overrides()
-        ensure_world()
         cfg.kernel_config.ir_op_priority.set_default()
         vllm.ir.set_default_torch_wrap(cfg.compilation_config.ir_enable_torch_wrap)
         yield

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from dooly.engines import RunResult
+from dooly.engines.vllm.kernels import dispatch_key, fake_kernels, gemm_dispatch, unsupported_op_message
 from dooly.engines.vllm.setup import engine_config, worker_context, write_model_dir
 from dooly.errors import DoolyError
 from dooly.trace.recorder import record_ops
@@ -108,10 +109,22 @@ def attention_describer(cfg):
     return describe
 
 
+def attention_isa(layer, cfg) -> str | None:
+    """The ISA vLLM's CPU attention picks for this layer on this machine ("amx", "vec", "vec16", ...),
+    as its metadata builder picks it; None for other backends."""
+    if layer.attn_backend.get_name() != "CPU_ATTN":
+        return None
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    return _get_attn_isa(cfg.model_config.dtype, cfg.cache_config.block_size, layer.head_size,
+                         str(layer.kv_cache_dtype))
+
+
 def attention_attrs(layer, cfg) -> dict:
     """Everything about an attention layer that changes its kernel's latency besides tensor shapes."""
     return {
         "backend": layer.attn_backend.get_name(),
+        "isa": attention_isa(layer, cfg),
         "num_heads": layer.num_heads,
         "num_kv_heads": layer.num_kv_heads,
         "head_size": layer.head_size,
@@ -123,16 +136,20 @@ def attention_attrs(layer, cfg) -> dict:
     }
 
 
-def build_fake_model(cfg, fake_mode, tp: int = 1, rank: int = 0):
+def build_fake_model(cfg, fake_mode, tp: int = 1, rank: int = 0, pinned: dict | None = None):
+    """vLLM's model for `cfg` on fake weights, post-processed as the worker does; returns the model
+    and the GEMM kernel each linear layer was dispatched to (`pinned`: force those choices)."""
     from vllm.model_executor.model_loader.utils import initialize_model, process_weights_after_loading
     from vllm.utils.torch_utils import set_default_torch_dtype
 
     cfg.compilation_config.static_forward_context.clear()
+    dispatch: dict = {}
     with (as_tp_rank(tp, rank), _weights_without_data(), set_default_torch_dtype(cfg.model_config.dtype),
           fake_mode, torch.device("cpu")):
         model = initialize_model(vllm_config=cfg)
-        process_weights_after_loading(model, cfg.model_config, torch.device("cpu"))
-    return model
+        with gemm_dispatch(model, dispatch, pinned):
+            process_weights_after_loading(model, cfg.model_config, torch.device("cpu"))
+    return model, dispatch
 
 
 def attention_backends() -> list[str]:
@@ -159,42 +176,60 @@ def private_rope_cache():
 
 
 def run_trace(config: dict, tp: int = 1, dtype: str = "bfloat16", rank: int = 0,
-              hints: tuple[int, int] = (37, 3), attention_backend: str | None = None) -> RunResult:
-    """One symbolic engine step (num_tokens tokens, num_reqs requests) through vLLM's model code."""
+              hints: tuple[int, int] = (37, 3), attention_backend: str | None = None,
+              pinned: dict | None = None) -> RunResult:
+    """One symbolic engine step (num_tokens tokens, num_reqs requests) through vLLM's model code.
+
+    pinned: the kernel choices of another run (`RunResult.dispatch`) to give every linear layer."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
-    from vllm.forward_context import set_forward_context
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     extra = {"attention_backend": attention_backend} if attention_backend else {}
     with tempfile.TemporaryDirectory(prefix="dooly-model-") as tmp:
         cfg = engine_config(write_model_dir(config, Path(tmp)), dtype, tp, **extra)
-    with worker_context(cfg), private_rope_cache():
+    arch = config.get("architectures", ["?"])[0]
+    with worker_context(cfg), private_rope_cache(), fake_kernels():
         shape_env = ShapeEnv(specialize_zero_one=False)
         fm = FakeTensorMode(shape_env=shape_env, allow_non_fake_inputs=True)
         try:
-            model = build_fake_model(cfg, fm, tp, rank)
+            model, dispatch = build_fake_model(cfg, fm, tp, rank, pinned)
         except (AssertionError, ValueError, NotImplementedError, RuntimeError) as e:
-            raise DoolyError(f"vLLM could not build {config.get('architectures', ['?'])[0]} at tp={tp}: "
-                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-        dynamic = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC])
-        n_tok, n_req = hints
-        # dtypes as the model runner's persistent input buffers hold them
-        input_ids = fm.from_tensor(torch.zeros(n_tok, dtype=torch.int32), symbolic_context=dynamic)
-        logits_idx = fm.from_tensor(torch.zeros(n_req, dtype=torch.int64), symbolic_context=dynamic)
-        symbols = {input_ids.shape[0].node.expr: "num_tokens", logits_idx.shape[0].node.expr: "num_reqs"}
-        describe = attention_describer(cfg)
-        with as_tp_rank(tp, rank), torch.inference_mode(), fm:
-            positions = torch.arange(input_ids.shape[0])
-            with set_forward_context(None, cfg, num_tokens=n_tok):
-                with record_ops(model, describe) as rec:
-                    hidden = model(input_ids=input_ids, positions=positions)
-                    forward_ops = rec.ops[:]
-                sampled = hidden[logits_idx]  # the runner's indexing, outside the model
-                with record_ops(model, describe) as rec2:
-                    model.compute_logits(sampled)
-        ops = forward_ops + rec2.ops
+            why = unsupported_op_message(e) or (str(e).splitlines()[0] if str(e) else type(e).__name__)
+            raise DoolyError(f"vLLM could not build {arch} at tp={tp}: {why}") from None
+        try:
+            ops, symbols = _forward(model, cfg, fm, hints, tp, rank)
+        except (NotImplementedError, RuntimeError) as e:
+            why = unsupported_op_message(e)
+            if why is None:
+                raise
+            raise DoolyError(f"vLLM's {arch} step at tp={tp}: {why}") from None
         guards = [str(g.expr) for g in shape_env.guards]
         specialized = [name for sym, name in symbols.items() if sym in shape_env.replacements]
         del model
         cfg.compilation_config.static_forward_context.clear()
-    return RunResult(ops=ops, symbols=symbols, guards=guards, specialized=specialized)
+    return RunResult(ops=ops, symbols=symbols, guards=guards, specialized=specialized, dispatch=dispatch,
+                     dispatch_key=dispatch_key())
+
+
+def _forward(model, cfg, fm, hints, tp, rank) -> tuple[list, dict]:
+    """The recorded ops of one symbolic step, and its symbol -> request variable map."""
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, StatelessSymbolicContext
+    from vllm.forward_context import set_forward_context
+
+    dynamic = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC])
+    n_tok, n_req = hints
+    # dtypes as the model runner's persistent input buffers hold them
+    input_ids = fm.from_tensor(torch.zeros(n_tok, dtype=torch.int32), symbolic_context=dynamic)
+    logits_idx = fm.from_tensor(torch.zeros(n_req, dtype=torch.int64), symbolic_context=dynamic)
+    symbols = {input_ids.shape[0].node.expr: "num_tokens", logits_idx.shape[0].node.expr: "num_reqs"}
+    describe = attention_describer(cfg)
+    with as_tp_rank(tp, rank), torch.inference_mode(), fm:
+        positions = torch.arange(input_ids.shape[0])
+        with set_forward_context(None, cfg, num_tokens=n_tok):
+            with record_ops(model, describe) as rec:
+                hidden = model(input_ids=input_ids, positions=positions)
+                forward_ops = rec.ops[:]
+            sampled = hidden[logits_idx]  # the runner's indexing, outside the model
+            with record_ops(model, describe) as rec2:
+                model.compute_logits(sampled)
+    return forward_ops + rec2.ops, symbols
