@@ -19,16 +19,10 @@ from unittest import mock
 import pytest
 import torch
 
+from dooly.engines.vllm.kernels import amx_dispatch
 from dooly.errors import DoolyError
 
 HAS_AMX = torch.cpu._is_amx_tile_supported()
-
-
-@contextlib.contextmanager
-def amx_dispatch():
-    """vLLM's dispatch as on a CPU with AMX tiles (only shapes are computed under a fake trace)."""
-    with mock.patch.object(torch.cpu, "_is_amx_tile_supported", lambda: True):
-        yield
 
 
 @contextlib.contextmanager

@@ -23,21 +23,31 @@ def _dims(o):
     return [list(d) for a in o.args for d in a.tensor_dims()]
 
 
+def _gemm(trace, module_suffix):
+    """The GEMM a module runs, whichever kernel vLLM dispatched it to on this CPU (oneDNN, or SGL
+    where AMX tiles exist): both take out [M, N] and x [M, K] first."""
+    from dooly.engines.vllm.kernels import GEMM_OPS
+
+    for o in trace.ops:
+        if o.op in GEMM_OPS and o.module.endswith(module_suffix):
+            return o
+    raise AssertionError(f"no GEMM in *{module_suffix}")
+
+
 QKV = "head_dim*(num_attention_heads + 2*num_key_value_heads)"
 
 
 def test_llama_layer_labels(tiny_llama_trace):
     t = tiny_llama_trace
     # fused QKV GEMM: out [num_tokens, (H + 2K) * D], in [num_tokens, hidden]
-    assert _dims(_first(t, "_C::onednn_mm", "layers.0.self_attn.qkv_proj")) == [
-        ["num_tokens", QKV], ["num_tokens", "hidden_size"], []]
+    assert _dims(_gemm(t, "layers.0.self_attn.qkv_proj"))[:2] == [["num_tokens", QKV], ["num_tokens", "hidden_size"]]
     # the split sizes are config expressions too
     split = _first(t, "aten::split_with_sizes", "layers.0.self_attn")
     assert list(split.args[1].dims) == ["head_dim*num_attention_heads", "head_dim*num_key_value_heads",
                                         "head_dim*num_key_value_heads"]
     # gate_up: out [num_tokens, 2 * intermediate]; down: in [num_tokens, intermediate]
-    assert _dims(_first(t, "_C::onednn_mm", "layers.0.mlp.gate_up_proj"))[0] == ["num_tokens", "2*intermediate_size"]
-    assert _dims(_first(t, "_C::onednn_mm", "layers.0.mlp.down_proj"))[1] == ["num_tokens", "intermediate_size"]
+    assert _dims(_gemm(t, "layers.0.mlp.gate_up_proj"))[0] == ["num_tokens", "2*intermediate_size"]
+    assert _dims(_gemm(t, "layers.0.mlp.down_proj"))[1] == ["num_tokens", "intermediate_size"]
     # RMSNorm (as native aten ops, as the CPU worker runs it): variance over hidden_size
     assert _dims(_first(t, "aten::pow.Tensor_Scalar", "layers.0.input_layernorm")) == [["num_tokens", "hidden_size"]]
     # rotary: positions, q, k, head size, cos/sin cache [max_position_embeddings, head_dim]
@@ -50,13 +60,13 @@ def test_llama_layer_labels(tiny_llama_trace):
                                ["num_tokens", "num_key_value_heads", "head_dim"],
                                ["num_tokens", "num_key_value_heads", "head_dim"]]
     # lm_head runs on the sampled rows only: [num_reqs, hidden] -> [num_reqs, vocab]
-    assert _dims(_first(t, "_C::onednn_mm", "logits_processor")) == [
-        ["num_reqs", "vocab_size"], ["num_reqs", "hidden_size"], []]
+    assert _dims(_gemm(t, "logits_processor"))[:2] == [["num_reqs", "vocab_size"], ["num_reqs", "hidden_size"]]
 
 
 def test_same_gemm_in_every_layer_is_one_signature(tiny_llama_trace):
-    groups = {(g.op, g.module): g for g in tiny_llama_trace.groups()}
-    qkv = groups[("_C::onednn_mm", "model.layers.*.self_attn.qkv_proj")]
+    from dooly.engines.vllm.kernels import GEMM_OPS
+
+    [qkv] = [g for g in tiny_llama_trace.groups() if g.op in GEMM_OPS and g.module == "model.layers.*.self_attn.qkv_proj"]
     assert qkv.count == 4  # 4 layers
     # the signature holds config dims as numbers and request dims as symbols:
     # (8 + 2*4) * 64 = 1024, hidden 512
@@ -70,19 +80,19 @@ def test_value_collisions_do_not_change_labels(tiny_llama):
     assert t.unresolved == 0
     attn = _first(t, "vllm::unified_attention_with_output", "attn")
     assert _dims(attn)[1] == ["num_tokens", "num_key_value_heads", "head_dim"]
-    assert _dims(_first(t, "_C::onednn_mm", "logits_processor"))[0] == ["num_reqs", "vocab_size"]
+    assert _dims(_gemm(t, "logits_processor"))[0] == ["num_reqs", "vocab_size"]
     # and a model whose head_dim is 128, with num_tokens = 128 and num_reqs = 8 = num_key_value_heads
     big = trace_model(resolve("meta-llama/Llama-3.1-8B"), hints=(128, 8))
     assert big.unresolved == 0
     attn = _first(big, "vllm::unified_attention_with_output", "attn")
     assert _dims(attn)[0] == ["num_tokens", "num_attention_heads", "head_dim"]
-    assert _dims(_first(big, "_C::onednn_mm", "logits_processor"))[1] == ["num_reqs", "hidden_size"]
+    assert _dims(_gemm(big, "logits_processor"))[1] == ["num_reqs", "hidden_size"]
 
 
 def test_moe_expert_gemm_labels():
     t = trace_model(resolve("dooly/tiny-mixtral"))
     assert t.unresolved == 0
-    router = _first(t, "_C::onednn_mm", "block_sparse_moe.gate")
+    router = _gemm(t, "block_sparse_moe.gate")
     assert _dims(router)[0] == ["num_tokens", "num_local_experts"]
     topk = _first(t, "aten::topk", "block_sparse_moe.experts")
     assert list(topk.args[1].dims) == ["num_experts_per_tok"]
@@ -96,8 +106,8 @@ def test_moe_expert_gemm_labels():
 def test_tp2_labels_and_collectives(tiny_llama):
     t = trace_model(tiny_llama, tp=2)
     assert t.unresolved == 0
-    assert _dims(_first(t, "_C::onednn_mm", "qkv_proj"))[0] == ["num_tokens", f"{QKV}/tp"]
-    assert _dims(_first(t, "_C::onednn_mm", "down_proj"))[1] == ["num_tokens", "intermediate_size/tp"]
+    assert _dims(_gemm(t, "qkv_proj"))[0] == ["num_tokens", f"{QKV}/tp"]
+    assert _dims(_gemm(t, "down_proj"))[1] == ["num_tokens", "intermediate_size/tp"]
     attn = _first(t, "vllm::unified_attention_with_output", "attn")
     assert _dims(attn)[0] == ["num_tokens", "num_attention_heads/tp", "head_dim"]
     # one all-reduce on [num_tokens, hidden_size] after o_proj and after down_proj in every layer
@@ -176,6 +186,7 @@ def test_trace_json_output():
     assert r.returncode == 0, r.stderr[-2000:]
     d = json.loads(r.stdout)
     assert d["model"] == "dooly/tiny-mixtral" and d["engine"] == "vllm" and d["unresolved"] == 0
-    gemm = next(o for o in d["ops"] if o["op"] == "_C::onednn_mm" and o["module"].endswith("qkv_proj"))
+    gemm = next(o for o in d["ops"] if o["op"] in ("_C::onednn_mm", "_C::weight_packed_linear")
+                and o["module"].endswith("qkv_proj"))
     assert gemm["count"] == 2 and gemm["dims"][0] == ["num_tokens", QKV]
     assert all({"op", "signature", "count", "dims"} <= set(o) for o in d["ops"])

@@ -45,11 +45,12 @@ def test_attention_model_recovers_a_linear_cost():
 
 def test_fits_are_stored_as_json_and_refit_when_data_changes(profiled, tiny_llama_trace):
     from dooly.db import Measurement
+    from dooly.engines.vllm.kernels import GEMM_OPS
     from dooly.predict import Predictor
 
     db, env = profiled
     sig = next(o.signature for o in tiny_llama_trace.ops
-               if o.op == "_C::onednn_mm" and o.module.endswith("gate_up_proj"))
+               if o.op in GEMM_OPS and o.module.endswith("gate_up_proj"))
     Predictor(db, env).latency(sig, {"num_tokens": 64})
     digest, model = db.fit(env.key, sig)
     assert json.loads(model)["kind"] == "curve"

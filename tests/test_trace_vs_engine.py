@@ -103,3 +103,23 @@ def test_tracing_leaves_no_fake_module_behind(tiny_llama, tiny_llama_engine):
     model = model_runner(tiny_llama_engine).model
     assert not any(isinstance(b, FakeTensor) for b in model.buffers())
     assert not any(isinstance(p, FakeTensor) for p in model.parameters())
+
+
+def test_traces_and_other_engines_leave_a_live_engines_groups(tiny_llama, tiny_llama_engine):
+    """vLLM keeps parallel groups in process globals. A trace builds private ones, and stopping a
+    second in-process engine leaves the shared ones: the first engine keeps serving."""
+    from vllm.distributed import parallel_state as ps
+
+    from dooly.engines.vllm.engine import start_engine, stop_engine
+    from dooly.trace import trace_model
+
+    tiny_llama_engine.llm_engine.step()  # its groups exist once it has run
+    before = [ps._WORLD, ps._TP, ps._PP]
+    assert all(g is not None for g in before)
+    trace_model(tiny_llama, engine="vllm")
+    assert [ps._WORLD, ps._TP, ps._PP] == before and all(a is b for a, b in zip([ps._WORLD, ps._TP, ps._PP], before))
+    other = start_engine(tiny_llama.config)
+    stop_engine(other)
+    assert all(a is b for a, b in zip([ps._WORLD, ps._TP, ps._PP], before))
+    steps = _engine_step(tiny_llama_engine, [("g", 12)], record_after=1)  # still serves
+    assert any(o.op == "vllm::unified_attention_with_output" for o in steps)

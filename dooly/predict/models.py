@@ -19,6 +19,8 @@ from typing import Callable
 import numpy as np
 from scipy.optimize import nnls
 
+from dooly.registry import registrar
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -87,14 +89,7 @@ def _line(x, y) -> tuple[float, float]:
 FEATURES: dict[str, Callable[[dict], list[float]]] = {}
 
 
-def feature_set(name: str):
-    def register(fn):
-        if name in FEATURES:
-            raise ValueError(f"feature set {name} already registered")
-        FEATURES[name] = fn
-        return fn
-
-    return register
+feature_set = registrar(FEATURES, "feature set")
 
 
 @feature_set("poly2")

@@ -15,20 +15,14 @@ from typing import Callable
 
 import torch
 
+from dooly.registry import registrar
 from dooly.trace.instantiate import evaluate
 
 # op -> rule(args, kwargs) -> (args, kwargs, keepalive): fixes up randomly materialised inputs
 _RULES: dict[str, Callable] = {}
 
 
-def replay_rule(op: str):
-    def register(fn):
-        if op in _RULES:
-            raise ValueError(f"a replay rule for {op} is already registered")
-        _RULES[op] = fn
-        return fn
-
-    return register
+replay_rule = registrar(_RULES, "replay rule")
 
 
 class NotReplayable(Exception):

@@ -29,6 +29,7 @@ from typing import Callable
 
 from dooly.db import Measurement, point_key
 from dooly.errors import DoolyError
+from dooly.registry import registrar
 
 SHM_TRANSPORT = "_CPUSHMDistributed"  # the environment key names it "cpu-shm"
 WARMUP = 5
@@ -41,14 +42,7 @@ POINT_TIMEOUT_S = 300
 _CALLS: dict[str, Callable] = {}
 
 
-def collective_call(op: str):
-    def register(fn):
-        if op in _CALLS:
-            raise ValueError(f"a collective call for {op} is already registered")
-        _CALLS[op] = fn
-        return fn
-
-    return register
+collective_call = registrar(_CALLS, "collective call")
 
 
 @collective_call("_C::shm_allreduce")

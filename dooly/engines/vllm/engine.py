@@ -44,7 +44,11 @@ def start_engine(config: dict, dtype: str = "bfloat16", kv_cache_gib: int = 1, t
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
             ",".join(str(c) for c in cores[k * threads:(k + 1) * threads]) for k in range(tp))
     torch.set_num_threads(threads)  # the in-process worker (tp = 1) computes in this process's threads
+    import vllm.envs
     from vllm import LLM
+
+    # an engine started earlier in this process froze vLLM's view of the environment: read it anew
+    vllm.envs.disable_envs_cache()
 
     folder = write_model_dir(config, Path(tempfile.mkdtemp(prefix="dooly-engine-")))
     return LLM(model=str(folder), skip_tokenizer_init=True, load_format="dummy", dtype=dtype,
@@ -68,17 +72,16 @@ def stop_engine(llm) -> None:
 
 @contextlib.contextmanager
 def _process_groups_kept():
-    """Inside the block, vLLM's engine shutdown releases memory but leaves the parallel groups."""
-    import gc
+    """Inside the block, vLLM's engine shutdown does all its clean-up (environment cache, memory)
+    except destroying the process-wide parallel groups and world."""
+    from vllm.distributed import parallel_state as ps
 
-    from vllm.v1.engine import core as engine_core
-
-    saved = engine_core.cleanup_dist_env_and_memory
-    engine_core.cleanup_dist_env_and_memory = lambda shutdown_ray=False: gc.unfreeze()
+    saved = ps.destroy_model_parallel, ps.destroy_distributed_environment
+    ps.destroy_model_parallel = ps.destroy_distributed_environment = lambda *a, **k: None
     try:
         yield
     finally:
-        engine_core.cleanup_dist_env_and_memory = saved
+        ps.destroy_model_parallel, ps.destroy_distributed_environment = saved
 
 
 def model_runner(llm):

@@ -25,20 +25,15 @@ from typing import Callable
 
 import torch
 
+from dooly.registry import registrar
+
 TILE_N = 16  # the SGL kernels' N tile: convert_weight_packed packs N >= 16 in VNNI, N < 16 as fp32
 
 # op -> fake kernel (same signature as the op); one entry per op, duplicates raise
 FAKE_KERNELS: dict[str, Callable] = {}
 
 
-def fake_kernel(op: str):
-    def register(fn):
-        if op in FAKE_KERNELS:
-            raise ValueError(f"a fake kernel for {op} is already registered")
-        FAKE_KERNELS[op] = fn
-        return fn
-
-    return register
+fake_kernel = registrar(FAKE_KERNELS, "fake kernel")
 
 
 @dataclass(frozen=True)
@@ -169,3 +164,16 @@ def dispatch_key() -> str:
                     and hasattr(torch.ops.zentorch, "zentorch_linear_unary")),
     }
     return ",".join(f"{k}={int(v)}" for k, v in flags.items())
+
+
+@contextlib.contextmanager
+def amx_dispatch():
+    """Inside the block vLLM's CPU dispatch sees AMX tiles, whatever this CPU has: a fake trace then
+    records what an AMX machine (Intel Xeon, Sapphire Rapids and later) runs. Only for tracing and
+    planning: no kernel may run in the block (AMX instructions do not exist here)."""
+    saved = torch.cpu._is_amx_tile_supported
+    torch.cpu._is_amx_tile_supported = lambda: True
+    try:
+        yield
+    finally:
+        torch.cpu._is_amx_tile_supported = saved
