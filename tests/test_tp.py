@@ -102,7 +102,8 @@ def test_search_over_tp_degrees_uses_the_tp_data_it_has(profiled_tp2):
                  "ttft_p99=150ms,tpot_p99=20ms", ["tensor_parallel_size=1,2", "max_num_seqs=8",
                                                   "max_num_batched_tokens=128"], db=db.url, use_ray=False)
     by_tp = res.configs.set_index("tensor_parallel_size")
-    assert by_tp.loc[2, "status"] == "ok" and by_tp.loc[2, "goodput_rps"] > 0
+    # met: "ok", or "capped" where this machine is fast enough to meet it even at the top rate tried
+    assert by_tp.loc[2, "status"] in ("ok", "capped") and by_tp.loc[2, "goodput_rps"] > 0
     assert by_tp.loc[2, "goodput_per_device_rps"] == pytest.approx(by_tp.loc[2, "goodput_rps"] / 2)
     assert by_tp.loc[1, "status"] == "missing"
     assert "dooly profile dooly/tiny-llama" in by_tp.loc[1, "reason"] and "--tp" not in by_tp.loc[1, "reason"]
