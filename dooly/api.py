@@ -138,7 +138,7 @@ def calibrate(db: str | None = None, models=CALIBRATION_MODELS, dtype: str = "bf
     from dooly.catalog import resolve
     from dooly.db import LatencyDB
     from dooly.engines.vllm import version
-    from dooly.engines.vllm.engine import serve, start_engine, stop_engine
+    from dooly.engines.vllm.engine import running_engine, serve
     from dooly.predict import Predictor, StepPredictor
     from dooly.predict.overhead import overhead_point, store_calibration
     from dooly.profile import Limits, current_environment, default_threads, plan_profile, run_profile
@@ -159,15 +159,12 @@ def calibrate(db: str | None = None, models=CALIBRATION_MODELS, dtype: str = "bf
     rows, residuals = [], []
     for spec, trace in zip(specs, traces):
         vocab = spec.config["vocab_size"]
-        llm = start_engine(spec.config, dtype=dtype, tensor_parallel_size=tp, threads=threads)
-        try:
+        with running_engine(spec.config, dtype=dtype, tensor_parallel_size=tp, threads=threads) as llm:
             serve(llm, warmup, vocab)
             steps = []
             for _ in range(2):
                 llm.reset_prefix_cache()
                 steps += serve(llm, workload, vocab)[1]
-        finally:
-            stop_engine(llm)
         step_ops = StepPredictor(trace, Predictor(database, env), overhead=False)
         for s in steps:
             seconds = s.end_s - s.start_s

@@ -26,11 +26,10 @@ def tiny_llama_trace(tiny_llama):
 @pytest.fixture(scope="session")
 def tiny_llama_engine(tiny_llama):
     """A real in-process vLLM engine (V1, CPU, eager, dummy weights) on the tiny Llama."""
-    from dooly.engines.vllm.engine import start_engine, stop_engine
+    from dooly.engines.vllm.engine import running_engine
 
-    llm = start_engine(tiny_llama.config)
-    yield llm
-    stop_engine(llm)  # not `del`: its finalizer would tear down the groups other engines here share
+    with running_engine(tiny_llama.config) as llm:
+        yield llm
 
 
 @pytest.fixture(scope="session")

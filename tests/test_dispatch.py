@@ -172,12 +172,12 @@ def test_dispatch_is_part_of_the_trace_cache_key(tiny_llama, tmp_path, monkeypat
 @pytest.fixture(scope="module")
 def sgl_engine(tiny_llama):
     """A real in-process engine whose linears run the SGL kernels (natively on AMX, AVX-512 elsewhere)."""
-    from dooly.engines.vllm.engine import start_engine, stop_engine
+    from dooly.engines.vllm.engine import running_engine
 
-    with sgl_gemms():
-        llm = start_engine(tiny_llama.config)
-    yield llm
-    stop_engine(llm)
+    with contextlib.ExitStack() as stack:
+        with sgl_gemms():  # vLLM picks each layer's kernel while loading: the rule is needed only then
+            llm = stack.enter_context(running_engine(tiny_llama.config))
+        yield llm
 
 
 def test_sgl_engine_step_equals_the_trace(sgl_engine, tiny_llama):
@@ -209,7 +209,7 @@ def test_sgl_signatures_replay_and_profile(amx_traces, tmp_path):
     sgl = [g for g in llama.groups() if g.op == "_C::weight_packed_linear"]
     qkv = next(g for g in sgl if g.module.endswith("qkv_proj"))
     call = materialize(qkv.signature_text, {"num_tokens": 5})
-    x, packed = call.args[1], call.args[2]
+    packed = call.args[2]
     assert tuple(packed.shape) == (1024, 512) and packed.dtype == torch.bfloat16  # 8+2*4 heads x 64; hidden 512
     call()
     assert call.args[0].shape == (5, 1024) and call.args[0].abs().sum() > 0
@@ -223,7 +223,6 @@ def test_sgl_signatures_replay_and_profile(amx_traces, tmp_path):
 
 
 def test_what_this_cpu_cannot_measure_is_named_and_refused(amx_traces):
-    from dooly.db import LatencyDB  # noqa: F401
     from dooly.engines.vllm import version
     from dooly.profile import Limits, current_environment, plan_profile
     from dooly.profile.runner import not_profilable

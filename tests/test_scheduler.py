@@ -12,11 +12,10 @@ LIMITS = {"max_num_batched_tokens": 256, "max_num_seqs": 4, "max_model_len": 140
 @pytest.fixture(scope="module")
 def small_engine(tiny_llama):
     """A real engine with a 256-token step budget, 4 sequences and only 12 KV blocks (preemption)."""
-    from dooly.engines.vllm.engine import start_engine, stop_engine
+    from dooly.engines.vllm.engine import running_engine
 
-    llm = start_engine(tiny_llama.config, num_gpu_blocks_override=12, enable_prefix_caching=False, **LIMITS)
-    yield llm
-    stop_engine(llm)  # not `del`: its finalizer would tear down the groups other engines here share
+    with running_engine(tiny_llama.config, num_gpu_blocks_override=12, enable_prefix_caching=False, **LIMITS) as llm:
+        yield llm
 
 
 def _simulated_schedule(tiny_llama, llm, specs, vocab):

@@ -12,11 +12,10 @@ from dooly.trace.instantiate import tensor_shapes
 
 @pytest.fixture(scope="module")
 def tp2_engine(tiny_llama):
-    from dooly.engines.vllm.engine import start_engine, stop_engine
+    from dooly.engines.vllm.engine import running_engine
 
-    llm = start_engine(tiny_llama.config, tensor_parallel_size=2)
-    yield llm
-    stop_engine(llm)  # not `del`: its finalizer would tear down the groups other engines here share
+    with running_engine(tiny_llama.config, tensor_parallel_size=2) as llm:
+        yield llm
 
 
 @pytest.fixture(scope="module")

@@ -90,3 +90,31 @@ def test_engine_computes_with_the_databases_thread_count_whatever_the_shell_says
     assert during == expected
     if os.cpu_count() > 1:
         assert before == os.cpu_count() != expected  # the case that went wrong: torch's default is every core
+
+
+def test_an_engine_leaves_the_process_as_it_found_it(tiny_llama, tiny_llama_engine, monkeypatch):
+    """Regression: an engine's KV space stayed in the environment (a later simulate in the process
+    sized its KV cache at 1 GiB, not 4), its TP binding stayed for the next TP engine, and its thread
+    count for everything after it."""
+    import os
+
+    import torch
+
+    from dooly.engines.vllm.engine import ENGINE_ENV, running_engine
+    from dooly.sim.scheduler import kv_blocks, scheduler_settings
+
+    for key in ENGINE_ENV:
+        monkeypatch.delenv(key, raising=False)  # the session engine's own settings come back afterwards
+    settings = scheduler_settings(tiny_llama.config, "bfloat16")
+    before = kv_blocks(settings)  # VLLM_CPU_KVCACHE_SPACE unset: vLLM's 4 GiB
+    threads = torch.get_num_threads()
+    torch._C.set_num_threads(threads + 1)  # torch's own: the session's engine made torch.set_num_threads a no-op
+    try:
+        with running_engine(tiny_llama.config, kv_cache_gib=1, threads=1):
+            assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1" and kv_blocks(settings) == before // 4
+            assert torch.get_num_threads() == 1
+        assert not any(key in os.environ for key in ENGINE_ENV)
+        assert kv_blocks(settings) == before and torch.get_num_threads() == threads + 1
+        assert torch.set_num_threads is torch._C.set_num_threads  # works again after the engine
+    finally:
+        torch._C.set_num_threads(threads)

@@ -128,10 +128,10 @@ def validate(model: str, workloads: list[str], *, db: str | None = None, dtype: 
              progress=None, llm=None, tensor_parallel_size: int = 1) -> list[WorkloadValidation]:
     """Serve each workload `repeats` times on the real engine and simulate it; compare (see module doc).
 
-    `llm`: an already started engine of this model (`start_engine`) to reuse; the simulator then
+    `llm`: an already started engine of this model (`running_engine`) to reuse; the simulator then
     takes the engine's effective limits from it, whatever the options say."""
-    from dooly.api import model_context, parse_workload, simulate
-    from dooly.engines.vllm.engine import serve, start_engine, stop_engine
+    from dooly.api import model_context, parse_workload
+    from dooly.engines.vllm.engine import running_engine
     from dooly.predict import StepPredictor
 
     if repeats < 1:
@@ -140,38 +140,42 @@ def validate(model: str, workloads: list[str], *, db: str | None = None, dtype: 
     spec, trace, predictor = model_context(model, db, dtype, tp, threads,
                                            max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
     step = StepPredictor(trace, predictor)  # fails now if data is missing
-    vocab = spec.config["vocab_size"]
     max_len = spec.config.get("max_position_embeddings")
     parsed = [parse_workload(w, max_len) for w in workloads]  # bad workloads fail before the engine starts
     say = progress or (lambda msg: None)
     options = dict(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                    enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill)
-    own = llm is None
-    if own:
+    if llm is None:
         say(f"starting the engine for {spec.name}")
-        llm = start_engine(spec.config, dtype=dtype, kv_cache_gib=kv_cache_gib, tensor_parallel_size=tp,
-                           threads=threads, **options)
-    try:
-        cfg = llm.llm_engine.vllm_config
-        sc = cfg.scheduler_config
-        options = dict(max_num_batched_tokens=sc.max_num_batched_tokens, max_num_seqs=sc.max_num_seqs,
-                       enable_prefix_caching=bool(cfg.cache_config.enable_prefix_caching),
-                       enable_chunked_prefill=bool(sc.enable_chunked_prefill))
-        num_blocks = cfg.cache_config.num_gpu_blocks
-        llm.reset_prefix_cache()
-        serve(llm, parse_workload(WARMUP), vocab)
-        out = []
-        for text, requests in zip(workloads, parsed):
-            runs = []
-            for k in range(repeats):
-                llm.reset_prefix_cache()
-                say(f"{spec.name}: {text}: engine run {k + 1}/{repeats}")
-                runs.append(serve(llm, requests, vocab))
-            say(f"{spec.name}: {text}: simulating")
-            predicted = simulate(model, requests, db=db, dtype=dtype, num_gpu_blocks=num_blocks, threads=threads,
-                                 tensor_parallel_size=tp, **options)
-            out.append(compare(text, runs, predicted, step))
-        return out
-    finally:
-        if own:
-            stop_engine(llm)
+        with running_engine(spec.config, dtype=dtype, kv_cache_gib=kv_cache_gib, tensor_parallel_size=tp,
+                            threads=threads, **options) as own:
+            return _validate_on(own, model, spec, workloads, parsed, step, db, dtype, repeats, threads, tp, say)
+    return _validate_on(llm, model, spec, workloads, parsed, step, db, dtype, repeats, threads, tp, say)
+
+
+def _validate_on(llm, model, spec, workloads, parsed, step, db, dtype, repeats, threads, tp, say):
+    """Serve and simulate every workload on a started engine (its effective limits are the simulator's)."""
+    from dooly.api import parse_workload, simulate
+    from dooly.engines.vllm.engine import serve
+
+    vocab = spec.config["vocab_size"]
+    cfg = llm.llm_engine.vllm_config
+    sc = cfg.scheduler_config
+    options = dict(max_num_batched_tokens=sc.max_num_batched_tokens, max_num_seqs=sc.max_num_seqs,
+                   enable_prefix_caching=bool(cfg.cache_config.enable_prefix_caching),
+                   enable_chunked_prefill=bool(sc.enable_chunked_prefill))
+    num_blocks = cfg.cache_config.num_gpu_blocks
+    llm.reset_prefix_cache()
+    serve(llm, parse_workload(WARMUP), vocab)
+    out = []
+    for text, requests in zip(workloads, parsed):
+        runs = []
+        for k in range(repeats):
+            llm.reset_prefix_cache()
+            say(f"{spec.name}: {text}: engine run {k + 1}/{repeats}")
+            runs.append(serve(llm, requests, vocab))
+        say(f"{spec.name}: {text}: simulating")
+        predicted = simulate(model, requests, db=db, dtype=dtype, num_gpu_blocks=num_blocks, threads=threads,
+                             tensor_parallel_size=tp, **options)
+        out.append(compare(text, runs, predicted, step))
+    return out

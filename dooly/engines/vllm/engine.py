@@ -34,7 +34,7 @@ def start_engine(config: dict, dtype: str = "bfloat16", kv_cache_gib: int = 1, t
     from dooly.profile.environment import default_threads
 
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)  # the argument, whatever an earlier engine set
     tp = int(engine_kwargs.get("tensor_parallel_size", 1))
     threads = threads or default_threads(tp)
     cores = sorted(os.sched_getaffinity(0))
@@ -43,7 +43,9 @@ def start_engine(config: dict, dtype: str = "bfloat16", kv_cache_gib: int = 1, t
     if tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
             ",".join(str(c) for c in cores[k * threads:(k + 1) * threads]) for k in range(tp))
-    torch.set_num_threads(threads)  # the in-process worker (tp = 1) computes in this process's threads
+    # the in-process worker (tp = 1) computes in this process's threads; torch's own setter, since an
+    # engine started earlier in this process replaced torch.set_num_threads with a no-op
+    torch._C.set_num_threads(threads)
     import vllm.envs
     from vllm import LLM
 
@@ -53,6 +55,37 @@ def start_engine(config: dict, dtype: str = "bfloat16", kv_cache_gib: int = 1, t
     folder = write_model_dir(config, Path(tempfile.mkdtemp(prefix="dooly-engine-")))
     return LLM(model=str(folder), skip_tokenizer_init=True, load_format="dummy", dtype=dtype,
                enforce_eager=True, **engine_kwargs)
+
+
+# the process state start_engine changes (environment variables vLLM reads at start-up)
+ENGINE_ENV = ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND")
+
+
+@contextlib.contextmanager
+def running_engine(config: dict, dtype: str = "bfloat16", kv_cache_gib: int = 1, threads: int | None = None,
+                   **engine_kwargs):
+    """`start_engine` for the block, then `stop_engine`; after the block the process's environment
+    variables and torch thread count are what they were before it (a later simulate in the same
+    process sizes its KV cache as if no engine had run, a later TP engine binds its own cores), and
+    `torch.set_num_threads` works again (vLLM's in-process worker turns it into a no-op)."""
+    import torch
+
+    saved_env = {k: os.environ.get(k) for k in ENGINE_ENV}
+    saved_threads = torch.get_num_threads()
+    llm = None
+    try:
+        llm = start_engine(config, dtype, kv_cache_gib, threads, **engine_kwargs)
+        yield llm
+    finally:
+        if llm is not None:
+            stop_engine(llm)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        torch.set_num_threads = torch._C.set_num_threads  # vLLM's in-process worker made it a no-op
+        torch.set_num_threads(saved_threads)
 
 
 def stop_engine(llm) -> None:
