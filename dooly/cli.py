@@ -55,7 +55,7 @@ def catalog() -> None:
 def trace(
     model: str = typer.Argument(..., help="HF id from the catalog, or a path to config.json / its folder"),
     engine: str = typer.Option("vllm", help="engine whose model code is traced: vllm | hf"),
-    tp: int = typer.Option(1, "--tp", help="tensor-parallel degree (rank 0's ops are shown)"),
+    tp: int = typer.Option(1, "--tensor-parallel-size", "--tp", help="tensor-parallel degree (rank 0's ops are shown)"),
     dtype: str = typer.Option("bfloat16", help="bfloat16 | float16 | float32"),
     fmt: str = typer.Option("table", "--format", help="table | json"),
     all_ops: bool = typer.Option(False, "--all", help="table: also show views and other metadata-only ops"),
@@ -106,7 +106,7 @@ def _print_not_profilable(t) -> bool:
 @app.command()
 def env(
     model: Optional[str] = typer.Argument(None, help="also show where this model's GEMMs go here"),
-    tp: int = typer.Option(1, "--tp", help="tensor-parallel degree of the environment key"),
+    tp: int = typer.Option(1, "--tensor-parallel-size", "--tp", help="tensor-parallel degree of the environment key"),
     dtype: str = typer.Option("bfloat16", help="bfloat16 | float16 | float32"),
 ) -> None:
     """This machine's environment key (the one its measurements are stored under) and, given a model,
@@ -153,7 +153,7 @@ def plan(
     models: Optional[list[str]] = typer.Argument(None, help="models in the order they would be profiled"),
     suite: Optional[str] = typer.Option(None, help="a named set from the catalog (see `dooly catalog`)"),
     engine: str = typer.Option("vllm"),
-    tp: int = typer.Option(1, "--tp"),
+    tp: int = typer.Option(1, "--tensor-parallel-size", "--tp", help="tensor-parallel degree"),
     dtype: str = typer.Option("bfloat16"),
     attention_backend: Optional[str] = typer.Option(None, help=_BACKEND_HELP),
 ) -> None:
@@ -197,7 +197,7 @@ def profile(
     engine: str = typer.Option("vllm"),
     db: Optional[str] = typer.Option(None, "--db", help=_DB_HELP),
     dtype: str = typer.Option("bfloat16"),
-    tp: int = typer.Option(1, "--tp"),
+    tp: int = typer.Option(1, "--tensor-parallel-size", "--tp", help="tensor-parallel degree"),
     max_num_batched_tokens: int = typer.Option(4096, help="engine limit: tokens per step"),
     max_num_seqs: int = typer.Option(256, help="engine limit: requests per step"),
     grid: str = typer.Option("full", help="sweep grid: full | reduced"),
@@ -369,7 +369,7 @@ def simulate(
     enable_prefix_caching: bool = typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching"),
     enable_chunked_prefill: bool = typer.Option(True, "--enable-chunked-prefill/--no-enable-chunked-prefill"),
     num_gpu_blocks: Optional[int] = typer.Option(None, help="KV-cache blocks (default: what the engine gets)"),
-    tensor_parallel_size: int = typer.Option(1, help="TP degree (needs the model profiled with --tp K)"),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "--tp", help="TP degree (needs the model profiled with --tensor-parallel-size K)"),
     out: Optional[str] = typer.Option(None, help="folder for requests.csv, steps.csv, summary.json (and plots)"),
     plot: bool = typer.Option(False, "--plot", help="with --out: latency CDFs and per-step plots (PNG)"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
@@ -417,7 +417,7 @@ def calibrate(
     models: str = typer.Option(",".join(("dooly/tiny-llama", "dooly/tiny-llama-deep")),
                                help="comma-separated small models of different depths"),
     dtype: str = typer.Option("bfloat16"),
-    tensor_parallel_size: int = typer.Option(1, help="calibrate the engine running K TP workers"),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "--tp", help="calibrate the engine running K TP workers"),
 ) -> None:
     """Measure the real engine's per-step overhead here (outside the traced ops) and store it."""
     from dooly.api import calibrate as run
@@ -444,7 +444,7 @@ def validate(
     max_num_seqs: int = typer.Option(256),
     enable_prefix_caching: bool = typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching"),
     enable_chunked_prefill: bool = typer.Option(True, "--enable-chunked-prefill/--no-enable-chunked-prefill"),
-    tensor_parallel_size: int = typer.Option(1, help="TP degree: the engine runs one worker per core"),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "--tp", help="TP degree: the engine runs one worker per core"),
     repeats: int = typer.Option(3, help="engine runs per workload (after one warm-up); their spread is shown"),
     out: Optional[str] = typer.Option(None, help="folder for the raw measured and predicted data and plots"),
     as_json: bool = typer.Option(False, "--json", help="print the headline errors as JSON"),
@@ -563,7 +563,7 @@ def export_vidur(
     max_num_batched_tokens: int = typer.Option(4096, help="engine limit: tokens per step (grid and Vidur chunk)"),
     max_num_seqs: int = typer.Option(256, help="engine limit: requests per step (grid and Vidur batch cap)"),
     device: str = typer.Option("cpu", help="Vidur device / node SKU name the files are filed under"),
-    tensor_parallel_size: int = typer.Option(1, help="describe one of K workers, plus all_reduce.csv "
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "--tp", help="describe one of K workers, plus all_reduce.csv "
                                                      "(from a `dooly profile --tp K` database)"),
 ) -> None:
     """Vidur's profile files (mlp.csv, attention.csv; all_reduce.csv at TP > 1) for MODEL, from the latency database."""
