@@ -111,11 +111,11 @@ def env(
 ) -> None:
     """This machine's environment key (the one its measurements are stored under) and, given a model,
     the kernel each of its GEMMs is dispatched to here and whether every op is profilable here."""
-    from dooly.engines import vllm as eng
-    from dooly.engines.vllm.kernels import GEMM_OPS, KERNEL_NAMES
+    from dooly.engine_interface import get_engine
     from dooly.profile import current_environment, default_threads
     from dooly.trace.records import fold_layers
 
+    eng = get_engine("vllm")
     try:
         if tp < 1:
             raise DoolyError(f"--tp must be a positive integer, got {tp}")
@@ -137,11 +137,11 @@ def env(
     seen = set()
     for op in t.ops:
         key = (fold_layers(op.module), op.op)
-        if op.op in GEMM_OPS and key not in seen:
+        if op.op in eng.GEMM_OPS and key not in seen:
             seen.add(key)
             dims = "; ".join("[" + ", ".join(d) + "]" for a in op.args for d in a.tensor_dims())
             isa = [a.value.strip("'") for a in op.args if a.kind == "const" and a.value in ("'amx'", "'vec'", "'neon'")]
-            kernel = KERNEL_NAMES.get(op.op, op.op) + (f" ({isa[0]})" if isa else "")
+            kernel = eng.KERNEL_NAMES.get(op.op, op.op) + (f" ({isa[0]})" if isa else "")
             gemms.add_row(key[0], op.op, kernel, escape(dims))
     console.print(gemms)
     if _print_not_profilable(t):
@@ -214,7 +214,7 @@ def profile(
     from dooly.catalog import resolve, suite as suite_models
     from dooly.db import LatencyDB
     from dooly.profile import GRIDS, Limits, current_environment, default_threads, plan_profile, run_profile
-    from dooly.engines import get_engine
+    from dooly.engine_interface import get_engine
     from dooly.trace import DTYPES, trace_model
 
     try:

@@ -1,36 +1,6 @@
-"""Serving engines dooly traces. Engine-specific code lives only in its engine's subpackage.
+"""Serving engines dooly traces. Engine-specific code lives only in its engine's subpackage; the
+stages reach an engine only through `dooly.engine_interface` (which documents what an engine exposes)."""
 
-An engine module exposes:
-  NAME, version() -> str, request_vars: tuple[str, ...]
-  run_trace(config: dict, tp: int, dtype: str, pinned: dict | None) -> RunResult
-      one traced forward pass per phase; `pinned` = another run's `dispatch` (kernels to reuse)
-  dispatch_key() -> str   the hardware predicates its kernel dispatch reads (part of a trace's cache key)
-"""
+from dooly.engine_interface import ENGINES, RunResult, get_engine
 
-from __future__ import annotations
-
-import importlib
-from dataclasses import dataclass, field
-
-from dooly.errors import DoolyError
-
-ENGINES = ("vllm", "hf")
-
-
-@dataclass
-class RunResult:
-    """The raw output of one traced run of an engine's model code."""
-
-    ops: list  # RawOp in execution order, every phase
-    symbols: dict  # sympy Symbol of the run's ShapeEnv -> request variable name
-    guards: list = field(default_factory=list)  # conditions on request vars the run assumed (text)
-    specialized: list = field(default_factory=list)  # request vars the engine pinned to a constant
-    dispatch: dict = field(default_factory=dict)  # layer name -> kernel choice made at weight loading;
-    #                                               given back as run_trace(pinned=...) to perturbed runs
-    dispatch_key: str = ""  # the hardware predicates the engine's kernel dispatch read ("" = none)
-
-
-def get_engine(name: str):
-    if name not in ENGINES:
-        raise DoolyError(f"unknown engine {name!r}; engines: {', '.join(ENGINES)}")
-    return importlib.import_module(f"dooly.engines.{name}")
+__all__ = ["ENGINES", "RunResult", "get_engine"]

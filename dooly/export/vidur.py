@@ -51,6 +51,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from dooly.engine_interface import get_engine
 from dooly.errors import DoolyError
 
 VIDUR_VERSION = "0.0.26"  # the PyPI release bench/vidur_dropin.py runs these files with
@@ -87,9 +88,9 @@ def vidur_op(op) -> str | None:
     """The Vidur op a traced op is part of ("attention": the kernel behind both attn_prefill and
     attn_decode; "emb": the embedding, which Vidur's profiler records and its predictor ignores);
     None where Vidur's step model has no place for it."""
-    from dooly.engines.vllm.attention import ATTENTION_OP, KV_UPDATE_OP
-
     from dooly.profile.runner import COLLECTIVE, classify
+
+    attention = get_engine("vllm").stateful
 
     m = _LAYER.search(op.module)
     if m is None:
@@ -97,7 +98,7 @@ def vidur_op(op) -> str | None:
     if classify(op.op, op.attrs) == COLLECTIVE:  # inside o_proj / down_proj: Vidur's own all-reduce term
         return "all_reduce" if "allreduce" in op.op.replace("_", "") else None
     if m.group(1) == "self_attn.attn":
-        return {ATTENTION_OP: "attention", KV_UPDATE_OP: "attn_kv_cache_save"}.get(op.op)
+        return {attention.ATTENTION_OP: "attention", attention.KV_UPDATE_OP: "attn_kv_cache_save"}.get(op.op)
     if op.op == "aten::add.Tensor" and [a.dims for a in op.args[:2]] == [("num_tokens", "hidden_size")] * 2:
         return "add"  # the residual add, which vLLM runs inside its fused add + RMSNorm module
     return LAYER_MODULES.get(m.group(1))
@@ -286,8 +287,6 @@ def export_vidur(model: str, out, *, db: str | None = None, dtype: str = "bfloat
     from dooly.catalog import resolve
     from dooly.db import LatencyDB
     from dooly.db.store import default_url
-    from dooly.engines.vllm import version
-    from dooly.engines.vllm.scheduler import VllmScheduler
     from dooly.predict import Predictor
     from dooly.profile import current_environment, default_threads
     from dooly.trace import trace_model
@@ -305,7 +304,7 @@ def export_vidur(model: str, out, *, db: str | None = None, dtype: str = "bfloat
     spec = resolve(model)
     url = db or default_url()
     hint = f"dooly profile {spec.name}{f' --tp {tp}' if tp > 1 else ''} --db {url}"
-    sched = VllmScheduler(spec.config, dtype, max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
+    sched = get_engine("vllm").Scheduler(spec.config, dtype, max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
     block, max_len = sched.cfg.cache_config.block_size, sched.max_model_len
     num_blocks = sched.num_blocks
     if tp > 1:  # the blocks dooly simulate gives a TP engine: every worker's KV space, 1/tp of the heads each
@@ -320,7 +319,7 @@ def export_vidur(model: str, out, *, db: str | None = None, dtype: str = "bfloat
     if missing:
         raise DoolyError(f"{spec.name}: no traced op maps to Vidur's {', '.join(missing)} (modules: "
                          f"{sorted({p.module for ps in parts.values() for p in ps})})")
-    env = current_environment("vllm", version(), dtype, threads or default_threads(tp), tp=tp)
+    env = current_environment("vllm", get_engine("vllm").version(), dtype, threads or default_threads(tp), tp=tp)
     try:
         predictor = Predictor(LatencyDB(url, create=False), env)
         for p in (p for ps in parts.values() for p in ps):

@@ -77,7 +77,7 @@ def profile_shard(db_url: str, part: ProfilePlan, run_id: int) -> dict:
     """One Ray task: check this worker's environment, then profile the shard under `run_id`."""
     import platform
 
-    from dooly.engines import get_engine
+    from dooly.engine_interface import get_engine
     from dooly.profile.environment import current_environment, tensor_parallel_of
 
     env = part.env

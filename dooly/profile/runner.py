@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from dooly.db import Environment, LatencyDB, Measurement, parse_point, point_key
-from dooly.engines import get_engine
+from dooly.engine_interface import engine_module, get_engine
 from dooly.errors import DoolyError
 from dooly.profile.environment import tensor_parallel_of
 from dooly.profile.grid import Limits, points
@@ -103,12 +103,8 @@ class ProfileSummary:
 def not_profilable(trace: Trace) -> dict[str, tuple[str, str]]:
     """Signatures of `trace` this machine cannot measure: signature -> (op, why). A trace made here
     has none; one made for another CPU's kernels (e.g. AMX) can."""
-    import importlib.util
-
-    name = f"dooly.engines.{trace.engine}.replay"
-    if importlib.util.find_spec(name) is None:
-        return {}
-    blocker = getattr(importlib.import_module(name), "replay_blocker", None)
+    replay = engine_module(trace.engine, "replay")
+    blocker = getattr(replay, "replay_blocker", None)
     out: dict[str, tuple[str, str]] = {}
     for g in trace.groups():
         if blocker is not None and classify(g.op, g.attrs) in (STATELESS, STATEFUL) and g.signature not in out:
@@ -195,19 +191,12 @@ def _estimate_point_s(text: str, values: dict) -> float:
 
 def _collectives(engine: str):
     """The engine's collectives module (dooly.engines.<engine>.collectives), or None."""
-    import importlib.util
-
-    name = f"dooly.engines.{engine}.collectives"
-    return importlib.import_module(name) if importlib.util.find_spec(name) is not None else None
+    return engine_module(engine, "collectives")
 
 
 def _load_replay_rules(engine: str) -> None:
     """Engine-specific replay rules live with their engine (e.g. dooly.engines.vllm.replay)."""
-    import importlib.util
-
-    name = f"dooly.engines.{engine}.replay"
-    if importlib.util.find_spec(name) is not None:
-        importlib.import_module(name)
+    engine_module(engine, "replay")
 
 
 def run_profile(plan: ProfilePlan, db: LatencyDB, progress: Callable[[str, int, int], None] | None = None,

@@ -54,7 +54,7 @@ def _as_grid(grid) -> dict:
 
 
 def _lengths(workload, requests: int | None) -> tuple:
-    from dooly.api import parse_workload
+    from dooly.sim.workload import parse_workload
 
     reqs = parse_workload(workload)
     if requests is not None:

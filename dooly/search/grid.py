@@ -99,7 +99,7 @@ def _dtype(name: str, text: str) -> str:
 
 
 def _backend(name: str, text: str) -> str:
-    from dooly.engines import get_engine
+    from dooly.engine_interface import get_engine
 
     available = get_engine("vllm").attention_backends()
     if text not in available:
@@ -235,11 +235,11 @@ class _Rejections:
     code that builds the config."""
 
     def __init__(self):
-        from dooly.engines.vllm import version
+        from dooly.engine_interface import get_engine
         from dooly.trace.cache import cache_dir
 
         root = Path(__file__).resolve().parent.parent
-        self.code = [version(), *(f.read_text() for f in (root / "sim" / "scheduler.py",
+        self.code = [get_engine("vllm").version(), *(f.read_text() for f in (root / "sim" / "scheduler.py",
                                                            root / "engines" / "vllm" / "setup.py"))]
         self.folder = cache_dir().parent / "schedulers-rejected"
 

@@ -113,7 +113,7 @@ class Workbench:
         return self._memos.setdefault(c.trace_key, {})
 
     def _build(self, c: Configuration):
-        from dooly.engines.vllm import version
+        from dooly.engine_interface import get_engine
         from dooly.predict import Predictor, StepPredictor
         from dooly.profile import current_environment, default_threads
         from dooly.trace import trace_model
@@ -121,7 +121,7 @@ class Workbench:
         tp = c.tensor_parallel_size
         trace = trace_model(self.spec(c.model), dtype=c.dtype, tp=tp, attention_backend=c.attention_backend,
                             cache=True)
-        env = current_environment("vllm", version(), c.dtype, default_threads(tp), tp=tp)
+        env = current_environment("vllm", get_engine("vllm").version(), c.dtype, default_threads(tp), tp=tp)
         return StepPredictor(trace, Predictor(self.db, env))
 
     def scheduler(self, c: Configuration):

@@ -13,6 +13,17 @@ from typing import Callable, Protocol
 from dooly.profile.batches import Batch
 
 
+@dataclass
+class ScheduledStep:
+    """What one engine step runs."""
+
+    batch: Batch  # per scheduled request: tokens already computed, tokens computed now
+    req_ids: list  # in batch order
+    finished: list  # requests that finished with this step
+    preempted: list  # requests preempted while scheduling this step
+    first_tokens: list  # requests that produced their first output token in this step
+
+
 @dataclass(frozen=True)
 class RequestSpec:
     request_id: str

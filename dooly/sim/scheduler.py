@@ -28,13 +28,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections import OrderedDict, deque
 from pathlib import Path
 
-from dooly.engines.vllm.scheduler import ScheduledStep
+from dooly.engine_interface import get_engine
 from dooly.errors import DoolyError
 from dooly.profile.batches import Batch
+from dooly.sim.core import ScheduledStep
 
 SETTINGS_FORMAT = 1
 
@@ -325,18 +325,19 @@ def scheduler_settings(config: dict, dtype: str = "bfloat16", **engine_kwargs) -
 
     The key hashes the model config, dtype, options, vLLM's version and the code that resolves them.
     """
-    from dooly.engines.vllm import version
     from dooly.trace.cache import cache_dir
 
-    sources = [Path(__file__), Path(__file__).parent.parent / "engines" / "vllm" / "setup.py"]
-    text = json.dumps([SETTINGS_FORMAT, config, dtype, engine_kwargs, version(), [f.read_text() for f in sources]],
+    engine = get_engine("vllm")
+    sources = [Path(__file__), *(Path(engine.__file__).parent / f for f in ("setup.py", "scheduler.py"))]
+    text = json.dumps([SETTINGS_FORMAT, config, dtype, engine_kwargs, engine.version(),
+                       [f.read_text() for f in sources]],
                       sort_keys=True, default=str)
     path = cache_dir().parent / "schedulers" / f"{hashlib.sha1(text.encode()).hexdigest()}.json"
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):  # missing or unreadable: resolve and (re)write
         pass
-    settings = _resolve_settings(config, dtype, engine_kwargs)
+    settings = engine.resolve_scheduler_settings(config, dtype, engine_kwargs)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -347,27 +348,3 @@ def scheduler_settings(config: dict, dtype: str = "bfloat16", **engine_kwargs) -
     return settings
 
 
-def _resolve_settings(config: dict, dtype: str, engine_kwargs: dict) -> dict:
-    from vllm.v1.kv_cache_interface import FullAttentionSpec
-
-    from dooly.engines.vllm.setup import engine_config, write_model_dir
-
-    with tempfile.TemporaryDirectory(prefix="dooly-sched-") as tmp:
-        cfg = engine_config(write_model_dir(config, Path(tmp)), dtype, **engine_kwargs)
-    sc, cc = cfg.scheduler_config, cfg.cache_config
-    unsupported = {"scheduling policy": sc.policy != "fcfs", "async scheduling": bool(sc.async_scheduling),
-                   "speculative decoding": cfg.speculative_config is not None,
-                   "a KV connector": cfg.kv_transfer_config is not None, "LoRA": cfg.lora_config is not None,
-                   "a custom scheduler class": sc.scheduler_cls not in (None, "vllm.v1.core.sched.scheduler.Scheduler"),
-                   "a finer prefix-cache hash block": cc.hash_block_size not in (None, cc.block_size)}
-    heads = config["num_attention_heads"]
-    spec = FullAttentionSpec(block_size=cc.block_size, num_kv_heads=config.get("num_key_value_heads") or heads,
-                             head_size=config.get("head_dim") or config["hidden_size"] // heads,
-                             dtype=cfg.model_config.dtype)
-    names = ("max_num_batched_tokens", "max_num_scheduled_tokens", "max_num_seqs", "max_num_active_seqs",
-             "long_prefill_token_threshold", "long_prefill_token_threshold_adaptive", "enable_chunked_prefill",
-             "scheduler_reserve_full_isl", "watermark")
-    return {"block_size": cc.block_size, "max_model_len": cfg.model_config.max_model_len,
-            "enable_prefix_caching": bool(cc.enable_prefix_caching), **{n: getattr(sc, n) for n in names},
-            "kv_bytes_per_block": spec.page_size_bytes * config["num_hidden_layers"],
-            "unsupported": [name for name, on in unsupported.items() if on]}

@@ -177,3 +177,30 @@ def _load_sharegpt(path: Path, data: list, max_len: int | None) -> list[RequestS
             raise DoolyError(f"{path}: row {i}: conversation lacks a human turn or a gpt reply")
         rows.append((0.0, max(1, len(human.split())), max(1, len(reply.split()))))
     return _check(path, rows, max_len)
+
+
+def parse_workload(spec, max_len: int | None = None):
+    """A file path, or a synthetic spec "n=200,prompt=uniform:50:1000,output=128,arrivals=poisson:2,seed=0"."""
+    from pathlib import Path
+
+    if isinstance(spec, list):
+        return spec
+    if Path(spec).exists() or spec.endswith((".csv", ".json")):
+        return load(spec, max_len)
+    fields = {}
+    for part in spec.split(","):
+        key, eq, value = part.partition("=")
+        if not eq or key not in ("n", "prompt", "output", "arrivals", "seed"):
+            raise DoolyError(f"bad workload {spec!r}: a file, or n=N,prompt=...,output=...,arrivals=...,seed=S")
+        fields[key] = value
+    try:
+        n, seed = int(fields.pop("n", "100")), int(fields.pop("seed", "0"))
+    except ValueError:
+        raise DoolyError(f"bad workload {spec!r}: n and seed are integers") from None
+    reqs = synthetic(n, seed=seed, **fields)
+    if max_len is not None:
+        too_long = next((r for r in reqs if r.prompt_tokens + r.output_tokens > max_len), None)
+        if too_long is not None:
+            raise DoolyError(f"workload request {too_long.request_id}: {too_long.prompt_tokens} + "
+                             f"{too_long.output_tokens} tokens exceed the model's max length {max_len}")
+    return reqs

@@ -15,7 +15,7 @@ import time
 import sympy
 
 from dooly.catalog import ModelSpec
-from dooly.engines import RunResult, get_engine
+from dooly.engine_interface import RunResult, get_engine
 from dooly.errors import DoolyError
 from dooly.trace.labels import Solver, config_params, perturbed_config
 from dooly.trace.records import REQUEST_VARS, ArgSpec, RawArg, RawOp, Trace, TracedOp

@@ -41,7 +41,7 @@ class WorkloadValidation:
     step_types: pd.DataFrame  # per step type: steps, MAPE, mean signed error, predicted split
     match_rate: float  # share of steps with the same composition in the simulator and the engine
     measured: list = field(default_factory=list)  # per run: (requests frame, steps frame)
-    predicted: object = None  # dooly.api.SimulationResult
+    predicted: object = None  # dooly.sim.run.SimulationResult
 
     def headline(self) -> dict:
         m = self.metrics.set_index(["metric", "stat"])
@@ -130,8 +130,9 @@ def validate(model: str, workloads: list[str], *, db: str | None = None, dtype: 
 
     `llm`: an already started engine of this model (`running_engine`) to reuse; the simulator then
     takes the engine's effective limits from it, whatever the options say."""
-    from dooly.api import model_context, parse_workload
-    from dooly.engines.vllm.engine import running_engine
+    from dooly.sim.run import model_context
+    from dooly.sim.workload import parse_workload
+    from dooly.engine_interface import get_engine
     from dooly.predict import StepPredictor
 
     if repeats < 1:
@@ -147,7 +148,7 @@ def validate(model: str, workloads: list[str], *, db: str | None = None, dtype: 
                    enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill)
     if llm is None:
         say(f"starting the engine for {spec.name}")
-        with running_engine(spec.config, dtype=dtype, kv_cache_gib=kv_cache_gib, tensor_parallel_size=tp,
+        with get_engine("vllm").running_engine(spec.config, dtype=dtype, kv_cache_gib=kv_cache_gib, tensor_parallel_size=tp,
                             threads=threads, **options) as own:
             return _validate_on(own, model, spec, workloads, parsed, step, db, dtype, repeats, threads, tp, say)
     return _validate_on(llm, model, spec, workloads, parsed, step, db, dtype, repeats, threads, tp, say)
@@ -155,8 +156,9 @@ def validate(model: str, workloads: list[str], *, db: str | None = None, dtype: 
 
 def _validate_on(llm, model, spec, workloads, parsed, step, db, dtype, repeats, threads, tp, say):
     """Serve and simulate every workload on a started engine (its effective limits are the simulator's)."""
-    from dooly.api import parse_workload, simulate
-    from dooly.engines.vllm.engine import serve
+    from dooly.sim.run import simulate
+    from dooly.sim.workload import parse_workload
+    from dooly.engine_interface import get_engine
 
     vocab = spec.config["vocab_size"]
     cfg = llm.llm_engine.vllm_config
@@ -166,6 +168,7 @@ def _validate_on(llm, model, spec, workloads, parsed, step, db, dtype, repeats, 
                    enable_chunked_prefill=bool(sc.enable_chunked_prefill))
     num_blocks = cfg.cache_config.num_gpu_blocks
     llm.reset_prefix_cache()
+    serve = get_engine("vllm").serve
     serve(llm, parse_workload(WARMUP), vocab)
     out = []
     for text, requests in zip(workloads, parsed):

@@ -27,7 +27,7 @@ import os
 
 import torch
 
-from dooly.engines import RunResult
+from dooly.engine_interface import RunResult
 from dooly.errors import DoolyError
 from dooly.trace.recorder import record_ops
 

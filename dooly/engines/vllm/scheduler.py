@@ -9,22 +9,11 @@ request past its prompt (none for a request mid-prefill chunk), then `update_fro
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from dooly.engines.vllm.setup import engine_config, write_model_dir
 from dooly.profile.batches import Batch
-
-
-@dataclass
-class ScheduledStep:
-    """What one engine step runs."""
-
-    batch: Batch  # per scheduled request: tokens already computed, tokens computed now
-    req_ids: list  # in batch order
-    finished: list  # requests that finished with this step
-    preempted: list  # requests preempted while scheduling this step
-    first_tokens: list  # requests that produced their first output token in this step
+from dooly.sim.core import ScheduledStep
 
 
 class VllmScheduler:
@@ -95,3 +84,29 @@ class VllmScheduler:
         first = [r for r, s in zip(ids, sampled) if s and before[r] == 0]
         return ScheduledStep(Batch(tuple(contexts), tuple(queries)), ids, finished,
                              sorted(out.preempted_req_ids or ()), first)
+
+
+def resolve_scheduler_settings(config: dict, dtype: str, engine_kwargs: dict) -> dict:
+    """The scheduling settings vLLM's engine config resolves for these options, as plain data
+    (`dooly.sim.scheduler.scheduler_settings` caches them)."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    with tempfile.TemporaryDirectory(prefix="dooly-sched-") as tmp:
+        cfg = engine_config(write_model_dir(config, Path(tmp)), dtype, **engine_kwargs)
+    sc, cc = cfg.scheduler_config, cfg.cache_config
+    unsupported = {"scheduling policy": sc.policy != "fcfs", "async scheduling": bool(sc.async_scheduling),
+                   "speculative decoding": cfg.speculative_config is not None,
+                   "a KV connector": cfg.kv_transfer_config is not None, "LoRA": cfg.lora_config is not None,
+                   "a custom scheduler class": sc.scheduler_cls not in (None, "vllm.v1.core.sched.scheduler.Scheduler"),
+                   "a finer prefix-cache hash block": cc.hash_block_size not in (None, cc.block_size)}
+    heads = config["num_attention_heads"]
+    spec = FullAttentionSpec(block_size=cc.block_size, num_kv_heads=config.get("num_key_value_heads") or heads,
+                             head_size=config.get("head_dim") or config["hidden_size"] // heads,
+                             dtype=cfg.model_config.dtype)
+    names = ("max_num_batched_tokens", "max_num_scheduled_tokens", "max_num_seqs", "max_num_active_seqs",
+             "long_prefill_token_threshold", "long_prefill_token_threshold_adaptive", "enable_chunked_prefill",
+             "scheduler_reserve_full_isl", "watermark")
+    return {"block_size": cc.block_size, "max_model_len": cfg.model_config.max_model_len,
+            "enable_prefix_caching": bool(cc.enable_prefix_caching), **{n: getattr(sc, n) for n in names},
+            "kv_bytes_per_block": spec.page_size_bytes * config["num_hidden_layers"],
+            "unsupported": [name for name, on in unsupported.items() if on]}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from dooly.engines import RunResult
+from dooly.engine_interface import RunResult
 from dooly.engines.vllm.kernels import dispatch_key, fake_kernels, gemm_dispatch, unsupported_op_message
 from dooly.engines.vllm.setup import engine_config, worker_context, write_model_dir
 from dooly.errors import DoolyError
