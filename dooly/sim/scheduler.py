@@ -133,7 +133,18 @@ class FastScheduler:
     """Same protocol and `ScheduledStep`s as `VllmScheduler`, O(running requests) per step."""
 
     def __init__(self, config: dict, dtype: str = "bfloat16", num_blocks: int | None = None, **engine_kwargs):
-        self.settings = st = scheduler_settings(config, dtype, **engine_kwargs)
+        self._configure(scheduler_settings(config, dtype, **engine_kwargs), num_blocks)
+
+    @classmethod
+    def from_settings(cls, settings: dict, num_blocks: int | None = None) -> "FastScheduler":
+        """A scheduler from plain settings (the dict `scheduler_settings` returns, or one written by
+        hand in a test): no engine is imported."""
+        sched = cls.__new__(cls)
+        sched._configure(settings, num_blocks)
+        return sched
+
+    def _configure(self, st: dict, num_blocks: int | None) -> None:
+        self.settings = st
         if st["unsupported"]:
             raise DoolyError(f"the fast scheduler does not model {', '.join(st['unsupported'])}; use scheduler='vllm'")
         self.block_size = st["block_size"]
