@@ -211,39 +211,22 @@ def profile(
     """Measure the operations of MODELS that the latency database does not hold yet."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from dooly.catalog import resolve, suite as suite_models
-    from dooly.db import LatencyDB
-    from dooly.profile import GRIDS, Limits, current_environment, default_threads, plan_profile, run_profile
-    from dooly.engine_interface import get_engine
-    from dooly.trace import DTYPES, trace_model
+    from dooly.catalog import suite as suite_models
+    from dooly.profile import Limits
+    from dooly.profile.stage import plan_models, profile as run
 
     try:
         _check_limits(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, threads=threads)
-        if dtype not in DTYPES:
-            raise DoolyError(f"unknown dtype {dtype!r}; dtypes: {', '.join(DTYPES)}")
-        if grid not in GRIDS:
-            raise DoolyError(f"unknown grid {grid!r}; grids: {', '.join(GRIDS)}")
         names = list(models or []) + (suite_models(suite) if suite else [])
-        if not names:
-            raise DoolyError("give models or --suite NAME")
-        if ray_address is not None and not dry_run:
-            from dooly.cluster import check_address, require_ray
-
-            require_ray()
-            check_address(ray_address)
-        specs = [resolve(m) for m in names]
-        eng = get_engine(engine)
-        database = LatencyDB(db, create=not dry_run) if not dry_run else _maybe_db(db)
-        limits = Limits(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
-        env = current_environment(engine, eng.version(), dtype, threads or default_threads(tp), tp=tp)
-        traces = [trace_model(s, engine=engine, tp=tp, dtype=dtype, attention_backend=attention_backend)
-                  for s in specs]
-        stored = database.points(env.key) if database else {}
-        plan_ = plan_profile(traces, env, stored, grid, limits)
+        options = dict(engine=engine, db=db, dtype=dtype, tensor_parallel_size=tp, grid=grid, threads=threads,
+                       limits=Limits(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs),
+                       attention_backend=attention_backend)
+        if dry_run:
+            plan_, _ = plan_models(names, create_db=False, **options)
     except DoolyError as e:
         _fail(e)
-    missing = plan_.missing
     if dry_run:
+        missing = plan_.missing
         table = Table("op", "signature", "request vars", "points", "to measure", "models")
         for w in plan_.work:
             todo = sum(1 for p in w.points if (w.signature, p) not in plan_.stored)
@@ -257,18 +240,13 @@ def profile(
         return
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True) as bar:
-        task = bar.add_task("profiling", total=len(missing))
+        task = bar.add_task("profiling", total=None)
 
         def tick(op, done, total):
-            bar.update(task, completed=done, description=f"profiling {op}")
+            bar.update(task, completed=done, total=total, description=f"profiling {op}")
 
         try:
-            if ray_address is None:
-                summary = run_profile(plan_, database, tick)
-            else:
-                from dooly.profile.distributed import run_distributed
-
-                summary = run_distributed(plan_, database, ray_address, tick)
+            summary, url = run(names, ray_address=ray_address, progress=tick, **options)
         except DoolyError as e:
             _fail(e)
     table = Table("", "value")
@@ -283,18 +261,7 @@ def profile(
     console.print(table)
     for sig, reason in summary.failed.items():
         console.print(f"could not replay {sig[:8]}: {escape(reason)}", highlight=False)
-    console.print(f"database: {database.url}")
-
-
-def _maybe_db(url):
-    from dooly.db import LatencyDB
-
-    try:
-        return LatencyDB(url, create=False)
-    except DoolyError as e:
-        if "no database at" in str(e):
-            return None
-        raise
+    console.print(f"database: {url}")
 
 
 @db_app.command("stats")
