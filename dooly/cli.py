@@ -123,10 +123,11 @@ def env(
         t = _trace(model, "vllm", tp, dtype) if model else None
     except DoolyError as ex:
         _fail(ex)
+    dispatch = eng.dispatch_key()
     table = Table("field", "value", title="environment key of this machine")
     for field_, value in (("device", e.device), ("CPU", e.device_name), ("ISA flags", e.isa or "-"),
-                          ("AMX tiles", "yes" if "amx_tile" in e.isa.split(",") else "no"),
-                          ("kernel dispatch", eng.dispatch_key()), ("engine", e.engine_version),
+                          ("AMX tiles", "yes" if "amx_tile=1" in dispatch else "no"),  # as vLLM sees them
+                          ("kernel dispatch", dispatch), ("engine", e.engine_version),
                           ("torch", e.torch_version), ("dtype", e.dtype), ("threads", str(e.threads)),
                           ("binding", e.binding), ("timing method", e.timing)):
         table.add_row(field_, escape(str(value)))
@@ -140,8 +141,7 @@ def env(
         if op.op in eng.GEMM_OPS and key not in seen:
             seen.add(key)
             dims = "; ".join("[" + ", ".join(d) + "]" for a in op.args for d in a.tensor_dims())
-            isa = [a.value.strip("'") for a in op.args if a.kind == "const" and a.value in ("'amx'", "'vec'", "'neon'")]
-            kernel = eng.KERNEL_NAMES.get(op.op, op.op) + (f" ({isa[0]})" if isa else "")
+            kernel = eng.kernel_name(op.op, [a.value for a in op.args if a.kind == "const"])
             gemms.add_row(key[0], op.op, kernel, escape(dims))
     console.print(gemms)
     if _print_not_profilable(t):

@@ -2,10 +2,10 @@
 
 from dooly.engines.vllm import attention as stateful
 from dooly.engines.vllm.engine import running_engine, serve
-from dooly.engines.vllm.kernels import GEMM_OPS, KERNEL_NAMES, dispatch_key
+from dooly.engines.vllm.kernels import GEMM_OPS, dispatch_key, kernel_name
 from dooly.engines.vllm.scheduler import VllmScheduler as Scheduler
 from dooly.engines.vllm.scheduler import resolve_scheduler_settings
 from dooly.engines.vllm.tracer import NAME, attention_backends, request_vars, run_trace, version
 
-__all__ = ["GEMM_OPS", "KERNEL_NAMES", "NAME", "Scheduler", "attention_backends", "dispatch_key", "request_vars",
+__all__ = ["GEMM_OPS", "NAME", "Scheduler", "attention_backends", "dispatch_key", "kernel_name", "request_vars",
            "resolve_scheduler_settings", "run_trace", "running_engine", "serve", "stateful", "version"]

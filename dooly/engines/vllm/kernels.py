@@ -143,6 +143,21 @@ def gemm_dispatch(model: torch.nn.Module, record: dict, pinned: dict | None = No
 GEMM_OPS = ("_C::onednn_mm", "_C::weight_packed_linear", "zentorch::zentorch_linear_unary", "aten::linear",
             "aten::mm", "aten::addmm", "_C::cpu_fused_moe", "_C::fused_experts_cpu", "_C::int8_scaled_mm_with_quant",
             "_C::onednn_scaled_mm")
+# vLLM's CPU kernels take the ISA they run as a string argument ('amx', 'vec', ...)
+ISAS = ("amx", "vec", "vec16", "neon", "vsx", "vxe", "rvv")
+
+
+def isa_argument(consts: list[str]) -> str | None:
+    """The ISA a traced op runs, from the canonical text of its constant arguments ("'amx'"), if any."""
+    return next((c[1:-1] for c in consts if c[:1] == c[-1:] == "'" and c[1:-1] in ISAS), None)
+
+
+def kernel_name(op: str, consts: list[str]) -> str:
+    """A GEMM op's kernel as a person names it, with its ISA where it takes one: "fused MoE (vec)"."""
+    isa = isa_argument(consts)
+    return KERNEL_NAMES.get(op, op) + (f" ({isa})" if isa else "")
+
+
 KERNEL_NAMES = {"_C::onednn_mm": "oneDNN", "_C::weight_packed_linear": "SGL (AMX brgemm)",
                 "zentorch::zentorch_linear_unary": "zentorch", "aten::linear": "torch",
                 "aten::mm": "torch", "aten::addmm": "torch", "_C::cpu_fused_moe": "fused MoE",

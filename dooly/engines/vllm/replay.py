@@ -3,11 +3,12 @@ machine cannot replay."""
 
 from __future__ import annotations
 
-import re
+import json
 
 import torch
 import vllm._custom_ops  # noqa: F401 - registers the _C ops replayed here (a worker may not have traced)
 
+from dooly.engines.vllm.kernels import isa_argument
 from dooly.profile.replay import NotReplayable, replay_rule, resolve_op
 
 
@@ -60,9 +61,6 @@ def _prepacked(weight: torch.Tensor, isa: str) -> torch.Tensor:
     return packed
 
 
-_ISA_ARG = re.compile(r"\"c\":\"'(amx|vec|vec16|neon|vsx|vxe|rvv)'\"")
-
-
 def replay_blocker(op: str, signature_text: str, attrs: dict) -> str | None:
     """Why this op cannot be measured on this machine, in a few words (None: it can): an ISA it was
     traced with that this CPU lacks, or an op this build of the engine does not have."""
@@ -73,8 +71,7 @@ def replay_blocker(op: str, signature_text: str, attrs: dict) -> str | None:
             resolve_op(op)
         except NotReplayable:
             return "not in this build of the engine"
-        found = _ISA_ARG.search(signature_text)
-        isa = found.group(1) if found else None
+        isa = isa_argument([a["c"] for a in json.loads(signature_text)["args"] if "c" in a])
     if isa == "amx" and not torch.cpu._is_amx_tile_supported():
         return "traced for AMX tiles (isa 'amx'); this CPU has none"
     return None
