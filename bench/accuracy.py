@@ -92,9 +92,9 @@ def main() -> None:
                 for _, r in v.step_types.iterrows():
                     residuals.append({"model": m, "tp": tp, "workload": name, **r.to_dict()})
                 if a.out:
-                    from dooly.cli import _write_validation
+                    from dooly.validate import write_validation
 
-                    _write_validation([v], os.path.join(a.out, m.replace("/", "__"), f"tp{tp}-{name}"))
+                    write_validation([v], os.path.join(a.out, m.replace("/", "__"), f"tp{tp}-{name}"))
     table = pd.DataFrame(rows)
     print("\naccuracy vs the real engine (per-request MAPE; spread = (max - min) / median over runs)")
     print(table.round(1).to_string(index=False))

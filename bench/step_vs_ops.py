@@ -78,7 +78,7 @@ def profile_into(url, spec, engine, backend=None):
 
 def phase_sum_s(trace, predictor, values, phase):
     """Predicted seconds of one HF phase: every non-metadata op's regressor times its count."""
-    from dooly.profile.runner import FREE, classify
+    from dooly.records import FREE, classify
 
     total = 0.0
     for g in trace.groups():
@@ -90,7 +90,7 @@ def phase_sum_s(trace, predictor, values, phase):
 def vllm_rows(spec, n_tok, batch, url):
     from dooly.engines.vllm.engine import start_engine
     from dooly.predict import predict_step
-    from dooly.profile.batches import Batch
+    from dooly.records import Batch
     from dooly.trace import trace_model
 
     trace = trace_model(spec)

@@ -105,7 +105,7 @@ def main() -> None:
         print(f"profile {profile_s:.0f} s, calibrate {calibrate_s:.0f} s, export {export_s:.0f} s | extrapolated rows: "
               f"{ {f: i['extrapolated_rows'] for f, i in manifest['files'].items()} }")
 
-        from dooly.sim.workload import synthetic
+        from dooly.workload import synthetic
 
         reqs = synthetic(n, prompt="uniform:32:512", output="uniform:8:64", arrivals="poisson:4", seed=0)
         pd.DataFrame({"arrival_s": [r.arrival_s for r in reqs], "prompt_tokens": [r.prompt_tokens for r in reqs],

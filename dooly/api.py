@@ -1,104 +1,50 @@
-"""The Python API: a few calls that run the pipeline's stages and return pandas DataFrames."""
+"""The Python API: the pipeline's stage entries in one place (each returns records or pandas DataFrames).
+
+    simulate(model, workload, ...)        dooly.sim.run         -> SimulationResult
+    validate(model, workloads, ...)       dooly.validate        -> [WorkloadValidation]
+    search(models, workload, slo, ...)    dooly.search          -> SearchResult
+    capacity(model, rate, workload, ...)  dooly.search          -> (plan, SearchResult)
+    calibrate(db, ...), calibrated(db)    dooly.predict.calibrate
+    profile(models, ...)                  dooly.profile.stage   -> (ProfileSummary, database URL)
+    export_vidur(model, out, ...)         dooly.export          -> VidurExport
+    Deployment.resolve(model, ...)        dooly.deployment: a model x engine options, resolved once
+"""
 
 from __future__ import annotations
 
-import pandas as pd
+import importlib
+from typing import TYPE_CHECKING
 
-from dooly.engine_interface import get_engine
-from dooly.errors import DoolyError
-from dooly.sim.run import SimulationResult, model_context, simulate
-from dooly.sim.workload import parse_workload
+# name -> the module that defines it; imported on first use, so `import dooly.api` stays cheap (a
+# simulation from cached traces never imports torch or vLLM)
+_EXPORTS = {
+    "DEFAULT_OPTIONS": "dooly.records", "EngineOptions": "dooly.records", "Deployment": "dooly.deployment",
+    "SimulationResult": "dooly.sim.run", "model_context": "dooly.sim.run", "simulate": "dooly.sim.run",
+    "simulate_deployment": "dooly.sim.run", "validate": "dooly.validate", "search": "dooly.search",
+    "capacity": "dooly.search", "calibrate": "dooly.predict.calibrate", "calibrated": "dooly.predict.calibrate",
+    "profile": "dooly.profile.stage", "export_vidur": "dooly.export", "parse_workload": "dooly.workload",
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = ["SimulationResult", "calibrate", "calibrated", "capacity", "model_context", "parse_workload", "search",
-           "simulate"]
-
-
-CALIBRATION_MODELS = ("dooly/tiny-llama", "dooly/tiny-llama-deep")
-
-
-def calibrated(db: str | None = None, dtype: str = "bfloat16", tensor_parallel_size: int = 1) -> bool:
-    """Whether the database holds the engine's per-step overhead for this environment (`calibrate`)."""
-    from dooly.db import LatencyDB
-    from dooly.predict import Predictor
-    from dooly.predict.overhead import OVERHEAD_SIG
-    from dooly.profile import current_environment, default_threads
-
-    vllm = get_engine("vllm")
-    tp = tensor_parallel_size
-    env = current_environment("vllm", vllm.version(), dtype, default_threads(tp), tp=tp)
-    try:
-        return Predictor(LatencyDB(db, create=False), env).model(OVERHEAD_SIG) is not None
-    except DoolyError:
-        return False
+if TYPE_CHECKING:
+    from dooly.deployment import Deployment
+    from dooly.export import export_vidur
+    from dooly.predict.calibrate import calibrate, calibrated
+    from dooly.profile.stage import profile
+    from dooly.records import DEFAULT_OPTIONS, EngineOptions
+    from dooly.search import capacity, search
+    from dooly.sim.run import SimulationResult, model_context, simulate, simulate_deployment
+    from dooly.validate import validate
+    from dooly.workload import parse_workload
 
 
-def calibrate(db: str | None = None, models=CALIBRATION_MODELS, dtype: str = "bfloat16",
-              threads: int | None = None, seed: int = 0, tensor_parallel_size: int = 1) -> pd.DataFrame:
-    """Measure the real engine's per-step overhead in this environment and store it in the database.
-
-    With `tensor_parallel_size` K > 1 the engine runs K workers and the overhead (scheduling,
-    broadcasting the step to the workers, ...) is stored under that TP environment.
-
-    Each model (different depths: different numbers of dispatched ops) is profiled where the database
-    lacks it, then served by the real in-process engine on a mixed workload; every step's residual
-    (measured step time - predicted sum of its ops) becomes an overhead sample. Returns the samples.
-    """
-    import time
-
-    from dooly.catalog import resolve
-    from dooly.db import LatencyDB
-    from dooly.predict import Predictor, StepPredictor
-    from dooly.predict.overhead import overhead_point, store_calibration
-    from dooly.profile import Limits, current_environment, default_threads, plan_profile, run_profile
-    from dooly.sim.workload import synthetic
-    from dooly.trace import trace_model
-
-    vllm = get_engine("vllm")
-    start = time.perf_counter()
-    database = LatencyDB(db)
-    tp = tensor_parallel_size
-    env = current_environment("vllm", vllm.version(), dtype, threads or default_threads(tp), tp=tp)
-    specs = [resolve(m) for m in models]
-    traces = [trace_model(s, dtype=dtype, tp=tp, cache=True) for s in specs]
-    plan = plan_profile(traces, env, database.points(env.key), "reduced", Limits())
-    run_profile(plan, database)
-    # served as requests arrive (prefill, mixed and decode steps of many sizes), after a warm-up
-    workload = synthetic(48, prompt="uniform:8:600", output="uniform:4:64", arrivals="poisson:12", seed=seed)
-    warmup = synthetic(8, prompt="uniform:16:300", output="uniform:4:24", arrivals="burst", seed=seed + 1)
-    rows, residuals = [], []
-    for spec, trace in zip(specs, traces):
-        vocab = spec.config["vocab_size"]
-        with vllm.running_engine(spec.config, dtype=dtype, tensor_parallel_size=tp, threads=threads) as llm:
-            vllm.serve(llm, warmup, vocab)
-            steps = []
-            for _ in range(2):
-                llm.reset_prefix_cache()
-                steps += vllm.serve(llm, workload, vocab)[1]
-        step_ops = StepPredictor(trace, Predictor(database, env), overhead=False)
-        for s in steps:
-            seconds = s.end_s - s.start_s
-            ops = step_ops(s.batch).us
-            point = overhead_point(trace, s.batch)
-            residuals.append((point, seconds * 1e6 - ops))
-            rows.append({"model": spec.name, **point, "measured_us": seconds * 1e6, "ops_us": ops,
-                         "overhead_us": seconds * 1e6 - ops})
-    store_calibration(database, env.key, residuals, time.perf_counter() - start)
-    return pd.DataFrame(rows)
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'dooly.api' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
 
 
-def search(models, workload, slo, grid=None, **kwargs):
-    """Goodput of every model x engine-option configuration under an SLO (`dooly.search.search`).
-
-    Returns a `SearchResult`: `.configs` (one row per configuration, best first) and `.rates` (one row
-    per simulated rate), pandas DataFrames."""
-    from dooly.search import search as run
-
-    return run(models, workload, slo, grid, **kwargs)
-
-
-def capacity(model: str, rate: float, workload, slo, grid=None, **kwargs):
-    """(plan, search): replicas and devices serving `rate` requests/s with the configuration of most
-    goodput per device (`dooly.search.capacity`); raises `dooly.search.NoConfiguration` if none meets the SLO."""
-    from dooly.search import capacity as run
-
-    return run(model, rate, workload, slo, grid, **kwargs)
+def __dir__():
+    return __all__

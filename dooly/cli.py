@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from dooly.errors import DoolyError
+from dooly.records import DEFAULT_OPTIONS, EngineOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Profile LLM operations once, reuse them across models, simulate serving.")
@@ -71,7 +72,7 @@ def trace(
     if fmt == "json":
         sys.stdout.write(json.dumps(t.to_json(), indent=1) + "\n")
         return
-    from dooly.trace.records import is_metadata_op
+    from dooly.records import is_metadata_op
 
     table = Table("op", "module", "phase", "count", "inputs (dims by origin)", "signature",
                   title=f"{t.model} on {t.engine_version}, tp={t.tp}, {t.dtype}")
@@ -119,7 +120,7 @@ def env(
     try:
         if tp < 1:
             raise DoolyError(f"--tp must be a positive integer, got {tp}")
-        e = current_environment("vllm", eng.version(), dtype, default_threads(tp), tp=tp)
+        e = current_environment("vllm", eng.version(), dtype, default_threads(tp), tp)
         t = _trace(model, "vllm", tp, dtype) if model else None
     except DoolyError as ex:
         _fail(ex)
@@ -138,7 +139,7 @@ def env(
     seen = set()
     for op in t.ops:
         key = (fold_layers(op.module), op.op)
-        if op.op in eng.GEMM_OPS and key not in seen:
+        if op.op in eng.gemm_ops and key not in seen:
             seen.add(key)
             dims = "; ".join("[" + ", ".join(d) + "]" for a in op.args for d in a.tensor_dims())
             kernel = eng.kernel_name(op.op, [a.value for a in op.args if a.kind == "const"])
@@ -181,6 +182,9 @@ def plan(
 db_app = typer.Typer(no_args_is_help=True, help="Inspect the latency database.")
 app.add_typer(db_app, name="db")
 
+_TOKENS_HELP = "engine limit: tokens per step"
+_SEQS_HELP = "engine limit: requests per step (the simulator uses what vLLM makes of it)"
+_KV_HELP = "KV-cache space of each engine worker, GiB (vLLM CPU's VLLM_CPU_KVCACHE_SPACE)"
 _DB_HELP = "database URL (default: $DOOLY_DB, else SQLite at ~/.local/share/dooly/latency.db)"
 
 
@@ -198,8 +202,9 @@ def profile(
     db: Optional[str] = typer.Option(None, "--db", help=_DB_HELP),
     dtype: str = typer.Option("bfloat16"),
     tp: int = typer.Option(1, "--tensor-parallel-size", "--tp", help="tensor-parallel degree"),
-    max_num_batched_tokens: int = typer.Option(4096, help="engine limit: tokens per step"),
-    max_num_seqs: int = typer.Option(256, help="engine limit: requests per step"),
+    max_num_batched_tokens: int = typer.Option(DEFAULT_OPTIONS.max_num_batched_tokens,
+                                               help="engine limit: tokens per step"),
+    max_num_seqs: int = typer.Option(DEFAULT_OPTIONS.max_num_seqs, help="engine limit: requests per step"),
     grid: str = typer.Option("full", help="sweep grid: full | reduced"),
     threads: Optional[int] = typer.Option(None, help="threads to time with (default: what the engine uses)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan, measure nothing"),
@@ -331,11 +336,12 @@ def simulate(
                                             "n=N,prompt=SPEC,output=SPEC,arrivals=burst|poisson:R|gamma:R:CV,seed=S"),
     db: Optional[str] = typer.Option(None, "--db", help=_DB_HELP),
     dtype: str = typer.Option("bfloat16"),
-    max_num_batched_tokens: int = typer.Option(4096),
-    max_num_seqs: int = typer.Option(256),
+    max_num_batched_tokens: int = typer.Option(DEFAULT_OPTIONS.max_num_batched_tokens, help=_TOKENS_HELP),
+    max_num_seqs: int = typer.Option(DEFAULT_OPTIONS.max_num_seqs, help=_SEQS_HELP),
     enable_prefix_caching: bool = typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching"),
     enable_chunked_prefill: bool = typer.Option(True, "--enable-chunked-prefill/--no-enable-chunked-prefill"),
-    num_gpu_blocks: Optional[int] = typer.Option(None, help="KV-cache blocks (default: what the engine gets)"),
+    kv_cache_gib: float = typer.Option(DEFAULT_OPTIONS.kv_cache_gib, help=_KV_HELP),
+    num_gpu_blocks: Optional[int] = typer.Option(None, help="KV-cache blocks (default: what --kv-cache-gib gives)"),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "--tp", help="TP degree (needs the model profiled with --tensor-parallel-size K)"),
     out: Optional[str] = typer.Option(None, help="folder for requests.csv, steps.csv, summary.json (and plots)"),
     plot: bool = typer.Option(False, "--plot", help="with --out: latency CDFs and per-step plots (PNG)"),
@@ -345,24 +351,17 @@ def simulate(
     from dooly.api import simulate as run
 
     try:
-        res = run(model, workload, db=db, dtype=dtype, max_num_batched_tokens=max_num_batched_tokens,
-                  max_num_seqs=max_num_seqs, enable_prefix_caching=enable_prefix_caching,
-                  enable_chunked_prefill=enable_chunked_prefill, num_gpu_blocks=num_gpu_blocks,
-                  tensor_parallel_size=tensor_parallel_size)
+        options = EngineOptions(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                enable_prefix_caching=enable_prefix_caching,
+                                enable_chunked_prefill=enable_chunked_prefill, kv_cache_gib=kv_cache_gib)
+        res = run(model, workload, db=db, dtype=dtype, tensor_parallel_size=tensor_parallel_size, options=options,
+                  num_gpu_blocks=num_gpu_blocks)
     except DoolyError as e:
         _fail(e)
     if out:
-        from pathlib import Path
+        from dooly.sim.run import write_simulation
 
-        folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
-        res.requests.to_csv(folder / "requests.csv", index=False)
-        res.steps.to_csv(folder / "steps.csv", index=False)
-        res.summary.to_json(folder / "summary.json", orient="records", indent=1)
-        if plot:
-            from dooly.sim.plots import write_plots
-
-            write_plots(res, folder)
+        write_simulation(res, out, plot)
     if as_json:
         sys.stdout.write(res.summary.to_json(orient="records") + "\n")
         return
@@ -407,28 +406,31 @@ def validate(
     workload: list[str] = typer.Option(..., help="a workload file or synthetic spec (as for simulate); repeatable"),
     db: Optional[str] = typer.Option(None, "--db", help=_DB_HELP),
     dtype: str = typer.Option("bfloat16"),
-    max_num_batched_tokens: int = typer.Option(4096),
-    max_num_seqs: int = typer.Option(256),
+    max_num_batched_tokens: int = typer.Option(DEFAULT_OPTIONS.max_num_batched_tokens, help=_TOKENS_HELP),
+    max_num_seqs: int = typer.Option(DEFAULT_OPTIONS.max_num_seqs, help=_SEQS_HELP),
     enable_prefix_caching: bool = typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching"),
     enable_chunked_prefill: bool = typer.Option(True, "--enable-chunked-prefill/--no-enable-chunked-prefill"),
+    kv_cache_gib: float = typer.Option(1.0, help="the real engine's KV-cache space per worker, GiB (the simulator "
+                                                 "gets the blocks the engine reports)"),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "--tp", help="TP degree: the engine runs one worker per core"),
     repeats: int = typer.Option(3, help="engine runs per workload (after one warm-up); their spread is shown"),
     out: Optional[str] = typer.Option(None, help="folder for the raw measured and predicted data and plots"),
     as_json: bool = typer.Option(False, "--json", help="print the headline errors as JSON"),
 ) -> None:
     """Run the real engine and the simulator on the same workload; print measured vs predicted."""
-    from dooly.validate import validate as run
+    from dooly.validate import validate as run, write_validation
 
     try:
-        results = run(model, workload, db=db, dtype=dtype, repeats=repeats,
-                      max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                      enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill,
+        options = EngineOptions(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                enable_prefix_caching=enable_prefix_caching,
+                                enable_chunked_prefill=enable_chunked_prefill, kv_cache_gib=kv_cache_gib)
+        results = run(model, workload, db=db, dtype=dtype, repeats=repeats, options=options,
                       tensor_parallel_size=tensor_parallel_size,
                       progress=lambda msg: err.print(f"[dim]{escape(msg)}[/dim]"))
     except DoolyError as e:
         _fail(e)
     if out:
-        _write_validation(results, out)
+        write_validation(results, out)
     if as_json:
         sys.stdout.write(json.dumps([{"workload": v.workload, **v.headline()} for v in results]) + "\n")
         return
@@ -453,28 +455,6 @@ def validate(
         console.print(f"wrote {out}/")
 
 
-def _write_validation(results, out: str) -> None:
-    from pathlib import Path
-
-    from dooly.validate.plots import write_plot
-
-    root = Path(out)
-    for i, v in enumerate(results):
-        folder = root / f"workload{i}"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "workload.txt").write_text(v.workload + "\n")
-        v.metrics.to_csv(folder / "metrics.csv", index=False)
-        v.steps.to_csv(folder / "steps_measured_vs_predicted.csv", index=False)
-        v.step_types.to_csv(folder / "step_types.csv", index=False)
-        for k, (reqs, steps) in enumerate(v.measured):
-            reqs.to_csv(folder / f"requests_measured_run{k}.csv", index=False)
-            steps.to_csv(folder / f"steps_measured_run{k}.csv", index=False)
-        v.predicted.requests.to_csv(folder / "requests_predicted.csv", index=False)
-        v.predicted.steps.to_csv(folder / "steps_predicted.csv", index=False)
-        (folder / "headline.json").write_text(json.dumps(v.headline(), indent=1) + "\n")
-        write_plot(v, folder / "predicted_vs_measured.png")
-
-
 QUICK_WORKLOAD = "n=200,prompt=uniform:32:512,output=uniform:16:128,arrivals=poisson:4,seed=0"
 
 
@@ -493,12 +473,14 @@ def quickstart(
     console.rule(f"1. trace one engine step of {model} (vLLM's own model code, fake weights)")
     trace(model=model, engine="vllm", tp=1, dtype="bfloat16", fmt="table", all_ops=False, attention_backend=None)
     console.rule(f"2. profile what the latency database lacks for {model}")
-    profile(models=[model], suite=None, engine="vllm", db=db, dtype="bfloat16", tp=1, max_num_batched_tokens=4096,
-            max_num_seqs=256, grid="reduced", threads=None, dry_run=False, attention_backend=None,
+    profile(models=[model], suite=None, engine="vllm", db=db, dtype="bfloat16", tp=1,
+            max_num_batched_tokens=DEFAULT_OPTIONS.max_num_batched_tokens, max_num_seqs=DEFAULT_OPTIONS.max_num_seqs,
+            grid="reduced", threads=None, dry_run=False, attention_backend=None,
             ray_address=None)
     console.rule(f"3. profile {sibling}: same family, other depth -> its operations are already measured")
-    profile(models=[sibling], suite=None, engine="vllm", db=db, dtype="bfloat16", tp=1, max_num_batched_tokens=4096,
-            max_num_seqs=256, grid="reduced", threads=None, dry_run=False, attention_backend=None,
+    profile(models=[sibling], suite=None, engine="vllm", db=db, dtype="bfloat16", tp=1,
+            max_num_batched_tokens=DEFAULT_OPTIONS.max_num_batched_tokens, max_num_seqs=DEFAULT_OPTIONS.max_num_seqs,
+            grid="reduced", threads=None, dry_run=False, attention_backend=None,
             ray_address=None)
     console.rule("4. the engine's per-step overhead (scheduler, sampling, Python between ops)")
     from dooly.api import calibrated
@@ -508,8 +490,10 @@ def quickstart(
     else:
         calibrate(db=db, models=f"{model},{sibling}", dtype="bfloat16", tensor_parallel_size=1)
     console.rule(f"5. simulate serving {model} on vLLM: {workload}")
-    simulate(model=model, workload=workload, db=db, dtype="bfloat16", max_num_batched_tokens=4096, max_num_seqs=256,
-             enable_prefix_caching=True, enable_chunked_prefill=True, num_gpu_blocks=None, tensor_parallel_size=1,
+    simulate(model=model, workload=workload, db=db, dtype="bfloat16",
+             max_num_batched_tokens=DEFAULT_OPTIONS.max_num_batched_tokens, max_num_seqs=DEFAULT_OPTIONS.max_num_seqs,
+             enable_prefix_caching=True, enable_chunked_prefill=True, kv_cache_gib=DEFAULT_OPTIONS.kv_cache_gib,
+             num_gpu_blocks=None, tensor_parallel_size=1,
              out=out, plot=True, as_json=False)
     console.print(f"plots: {out}/latency_cdfs.png, {out}/steps.png | quickstart took "
                   f"{time.perf_counter() - start:.0f} s")
@@ -527,8 +511,11 @@ def export_vidur(
     engine: str = typer.Option("vllm", help="engine whose ops fill the files (vllm)"),
     db: Optional[str] = typer.Option(None, "--db", help=_DB_HELP),
     dtype: str = typer.Option("bfloat16"),
-    max_num_batched_tokens: int = typer.Option(4096, help="engine limit: tokens per step (grid and Vidur chunk)"),
-    max_num_seqs: int = typer.Option(256, help="engine limit: requests per step (grid and Vidur batch cap)"),
+    max_num_batched_tokens: int = typer.Option(DEFAULT_OPTIONS.max_num_batched_tokens,
+                                               help="engine limit: tokens per step (grid and Vidur chunk)"),
+    max_num_seqs: int = typer.Option(DEFAULT_OPTIONS.max_num_seqs,
+                                     help="engine limit: requests per step (grid and Vidur batch cap)"),
+    kv_cache_gib: float = typer.Option(DEFAULT_OPTIONS.kv_cache_gib, help=_KV_HELP),
     device: str = typer.Option("cpu", help="Vidur device / node SKU name the files are filed under"),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "--tp", help="describe one of K workers, plus all_reduce.csv "
                                                      "(from a `dooly profile --tp K` database)"),
@@ -539,8 +526,10 @@ def export_vidur(
     try:
         if engine != "vllm":
             raise DoolyError(f"engine {engine!r} cannot be exported to Vidur; engines: vllm")
-        res = run(model, out, db=db, dtype=dtype, max_num_batched_tokens=max_num_batched_tokens,
-                  max_num_seqs=max_num_seqs, device=device, tensor_parallel_size=tensor_parallel_size)
+        options = EngineOptions(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                kv_cache_gib=kv_cache_gib)
+        res = run(model, out, db=db, dtype=dtype, options=options, device=device,
+                  tensor_parallel_size=tensor_parallel_size)
     except DoolyError as e:
         _fail(e)
     m = res.manifest

@@ -1,26 +1,21 @@
 """What the pipeline's stages may ask of a serving engine, and how they find one by name.
 
-Engines live in `dooly.engines.<name>` (engine-specific code only there) and are reached only
-through `get_engine(name)`: the stages depend on this interface, never on an engine module, so a
-GPU build or another engine plugs in without touching them. An engine module exposes:
-
-  NAME, version() -> str, request_vars: tuple[str, ...]
-  run_trace(config: dict, tp: int, dtype: str, pinned: dict | None) -> RunResult
-      one traced forward pass per phase; `pinned` = another run's `dispatch` (kernels to reuse)
-  dispatch_key() -> str   the hardware predicates its kernel dispatch reads (part of a trace's cache key)
-  attention_backends() -> list[str]
-  stateful   its attention/KV-cache rig module (profiling stateful ops through its own set-up)
-and, for engines that serve (vLLM): resolve_scheduler_settings(config, dtype, engine_kwargs) -> dict,
-Scheduler (its own scheduler driven in virtual time). Optional sibling modules: `replay` (replay
-rules, `replay_blocker`), `collectives` (tensor-parallel collectives between real ranks).
+Engine-specific code lives only in `dooly.engines.<name>`, whose package exposes `ENGINE`, an
+instance of an `Engine` subclass. The stages reach an engine only through `get_engine(name)`: they
+depend on this interface, never on an engine module, so a GPU build or another engine plugs in
+without touching them. Getting an engine imports none of its heavy dependencies (torch, vLLM,
+transformers): each member imports what it needs when called.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from dooly.errors import DoolyError
+from dooly.records import classify
 
 ENGINES = ("vllm", "hf")
 
@@ -38,15 +33,118 @@ class RunResult:
     dispatch_key: str = ""  # the hardware predicates the engine's kernel dispatch read ("" = none)
 
 
-def get_engine(name: str):
+class Engine:
+    """A serving engine, as the stages see it. Members an engine does not have raise `DoolyError`.
+
+    Tracing (every engine):
+      name, request_vars         its name; the request variables its traced steps are labelled with
+      version()                  "<distribution>==<version>" (no import of the engine)
+      dispatch_key()             the hardware predicates its kernel dispatch reads (part of a trace's
+                                 cache key: a trace is valid only where they hold)
+      attention_backends()       the backends it offers here
+      run_trace(config, tp, dtype, pinned=None, **options) -> RunResult
+                                 one traced forward pass per phase; `pinned` = another run's `dispatch`
+    Profiling:
+      collective_prefixes        names of its ops that run between the ranks of a tensor-parallel group
+      attention_op, kv_write_op  its stateful attention and KV-cache write ops (None: none)
+      stateful                   its stateful-op rig (attention, KV-cache writes through its own set-up):
+                                 a module with STATEFUL_OPS, stateful_points, kv_token_budget,
+                                 StatefulProfiler; None if it has none
+      collectives                its collectives rig (COLLECTIVE_OPS, CollectiveProfiler); None if none
+      load_replay_rules()        registers its replay rules for ops that cannot be replayed from a
+                                 signature alone (packed weights, ...)
+      replay_blocker(op, text, attrs) -> str | None
+                                 why this machine cannot measure a traced op (None: it can)
+      gemm_ops, kernel_name(op, consts)
+                                 its GEMM ops, and the kernel a GEMM op runs as a person names it
+    Serving (engines that serve: vLLM):
+      resolve_scheduler_settings(config, dtype, engine_kwargs) -> dict
+                                 the scheduling settings the engine really uses for these options
+      settings_sources()         files whose code decides those settings (part of their cache key)
+      scheduler(config, dtype, num_blocks, **engine_kwargs)
+                                 its own scheduler, driven in virtual time
+      running_engine(config, dtype, kv_cache_gib, threads, **engine_kwargs)
+                                 context manager: the real engine in-process, process state restored after
+      serve(llm, requests, vocab) -> (RequestResult list, StepResult list)
+      engine_settings(llm) -> dict
+                                 the options a running engine actually uses (vLLM may lower some)
+    """
+
+    name: str = ""
+    request_vars: tuple[str, ...] = ()
+    collective_prefixes: tuple[str, ...] = ()
+    gemm_ops: tuple[str, ...] = ()
+    attention_op: str | None = None  # its stateful attention op (reads the KV cache), if it has one
+    kv_write_op: str | None = None  # its stateful KV-cache write op, if it has one
+
+    def version(self) -> str:
+        raise NotImplementedError
+
+    def dispatch_key(self) -> str:
+        return ""
+
+    def attention_backends(self) -> list[str]:
+        raise NotImplementedError
+
+    def run_trace(self, config: dict, tp: int = 1, dtype: str = "bfloat16", pinned: dict | None = None,
+                  **options) -> RunResult:
+        raise NotImplementedError
+
+    @property
+    def stateful(self):
+        return None
+
+    @property
+    def collectives(self):
+        return None
+
+    def load_replay_rules(self) -> None:
+        return None
+
+    def replay_blocker(self, op: str, signature_text: str, attrs: dict) -> str | None:
+        return None
+
+    def kernel_name(self, op: str, consts: list[str]) -> str:
+        return op
+
+    def classify(self, op: str, attrs: tuple) -> str:
+        """The kind of one of its traced ops (`dooly.records.classify`)."""
+        return classify(op, attrs, self.collective_prefixes)
+
+    # serving
+    def _not_serving(self, what: str):
+        return DoolyError(f"the {self.name} engine does not {what}; engines that do: vllm")
+
+    def resolve_scheduler_settings(self, config: dict, dtype: str, engine_kwargs: dict) -> dict:
+        raise self._not_serving("resolve scheduler settings")
+
+    def settings_sources(self) -> list[Path]:
+        return []
+
+    def scheduler(self, config: dict, dtype: str, num_blocks: int | None = None, **engine_kwargs):
+        raise self._not_serving("offer its scheduler")
+
+    def running_engine(self, config: dict, dtype: str = "bfloat16", kv_cache_gib: float = 1, threads: int | None = None,
+                       **engine_kwargs):
+        raise self._not_serving("serve in-process")
+
+    def serve(self, llm, requests, vocab: int):
+        raise self._not_serving("serve in-process")
+
+    def engine_settings(self, llm) -> dict:
+        raise self._not_serving("serve in-process")
+
+
+def get_engine(name: str) -> Engine:
     if name not in ENGINES:
         raise DoolyError(f"unknown engine {name!r}; engines: {', '.join(ENGINES)}")
-    return importlib.import_module(f"dooly.engines.{name}")
+    return importlib.import_module(f"dooly.engines.{name}").ENGINE
 
 
-def engine_module(name: str, part: str):
-    """An engine's optional sibling module (`replay`, `collectives`), or None if it has none."""
-    import importlib.util
-
-    full = f"dooly.engines.{name}.{part}"
-    return importlib.import_module(full) if importlib.util.find_spec(full) is not None else None
+def available(name: str) -> bool:
+    """Whether an engine's own library is installed here (vLLM is an optional extra)."""
+    library = {"vllm": "vllm", "hf": "transformers"}[name]
+    try:
+        return importlib.util.find_spec(library) is not None
+    except (ImportError, ValueError):
+        return False

@@ -36,8 +36,10 @@ def tiny_llama_engine(tiny_llama):
 def profiled(tmp_path_factory, tiny_llama_trace):
     """The tiny Llama profiled (reduced grid, small limits) into a fresh SQLite database."""
     from dooly.db import LatencyDB
-    from dooly.engines.vllm import version
+    from dooly.engine_interface import get_engine
     from dooly.profile import Limits, current_environment, default_threads, plan_profile, run_profile
+
+    version = get_engine("vllm").version
 
     db = LatencyDB(f"sqlite:///{tmp_path_factory.mktemp('pred') / 'latency.db'}")
     env = current_environment("vllm", version(), "bfloat16", default_threads())

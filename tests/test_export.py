@@ -83,8 +83,8 @@ def test_files_meet_vidurs_reader(exported):
 
 def test_values_are_dooly_predictions(exported, profiled, tiny_llama_trace):
     from dooly.predict import Predictor, predict_step
-    from dooly.profile.batches import Batch
-    from dooly.profile.runner import FREE, classify
+    from dooly.records import Batch
+    from dooly.records import FREE, classify
 
     db, env = profiled
     pred = Predictor(db, env)
@@ -152,3 +152,23 @@ def test_bad_inputs_fail_cleanly(profiled, tmp_path):
                         str(tmp_path / "cli"), "--db", db.url], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 2 and "Traceback" not in r.stderr and not (tmp_path / "cli").exists()
     assert f"dooly profile dooly/tiny-qwen2 --db {db.url}" in r.stderr.strip().splitlines()[-1]
+
+
+def test_vidur_gets_the_limits_the_engine_uses(profiled, tmp_path):
+    """Regression: the export wrote the raw max_num_seqs where the engine (and `dooly simulate`) use
+    the value vLLM lowers it to (at most the token budget)."""
+    from dooly.deployment import Deployment
+    from dooly.export import export_vidur
+    from dooly.records import EngineOptions
+    from dooly.sim.run import make_scheduler
+
+    db, _ = profiled
+    options = EngineOptions(max_num_batched_tokens=128)  # max_num_seqs: the default 256
+    res = export_vidur(MODEL, tmp_path / "export", db=db.url, options=options)
+    args = res.manifest["vidur"]["args"]
+    flag = dict(zip(args[::2], args[1::2]))
+    simulated = make_scheduler(Deployment.resolve(MODEL, options=options))
+    assert options.max_num_seqs == 256 and simulated.max_active == 128
+    assert flag["--sarathi_scheduler_config_batch_size_cap"] == str(simulated.max_active)
+    assert flag["--random_forrest_execution_time_predictor_config_prediction_max_batch_size"] == "128"
+    assert flag["--cache_config_num_blocks"] == str(simulated.num_blocks)

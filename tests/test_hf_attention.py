@@ -123,7 +123,7 @@ def test_paged_eager_trace_labels(tiny_llama):
 def test_paged_replay_attends_over_cached_tokens(tiny_llama, paged_trace):
     """Two continuous-batching steps on transformers' cache; the traced sdpa replayed on what it returns."""
     from dooly.engines.hf.paged import PagedRig
-    from dooly.profile.batches import Batch
+    from dooly.records import Batch
     from dooly.profile.replay import materialize
 
     dt = torch.bfloat16
@@ -167,7 +167,10 @@ def test_paged_profiler_times_transformers_cache_update(tiny_llama):
 
 
 def test_unknown_backend_is_one_line_error(tiny_llama):
-    from dooly.engines.hf import attention_backends, run_trace
+    from dooly.engine_interface import get_engine
+
+    hf = get_engine("hf")
+    attention_backends, run_trace = hf.attention_backends, hf.run_trace
 
     listed = "available: sdpa, eager, flex_attention, paged|sdpa, paged|eager"
     assert ", ".join(attention_backends()) in listed

@@ -9,7 +9,8 @@ import pytest
 
 from dooly.errors import DoolyError
 from dooly.predict.models import Curve, Linear, attention_work, fit, from_json
-from dooly.profile.batches import Batch, batch_of
+from dooly.profile.batches import batch_of
+from dooly.records import Batch
 
 
 def test_curve_exact_interpolated_extrapolated():

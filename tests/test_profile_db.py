@@ -30,8 +30,10 @@ def db_url(request, tmp_path):
 @pytest.fixture(scope="module")
 def expected_points(tiny_llama_trace):
     """How many points the profile command above needs for the tiny Llama (from the same planner)."""
-    from dooly.engines.vllm import version
+    from dooly.engine_interface import get_engine
     from dooly.profile import Limits, current_environment, default_threads, plan_profile
+
+    version = get_engine("vllm").version
 
     env = current_environment("vllm", version(), "bfloat16", default_threads())
     plan = plan_profile([tiny_llama_trace], env, {}, "reduced", Limits(128, 8))

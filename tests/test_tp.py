@@ -12,10 +12,16 @@ from dooly.trace.instantiate import tensor_shapes
 
 @pytest.fixture(scope="module")
 def tp2_engine(tiny_llama):
+    import os
+
     from dooly.engines.vllm.engine import running_engine
 
+    before = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
     with running_engine(tiny_llama.config, tensor_parallel_size=2) as llm:
+        assert os.environ["VLLM_CPU_OMP_THREADS_BIND"].count("|") == 1  # one core set per worker
         yield llm
+    # regression: the binding stays no longer than its engine (a later engine of another TP binds its own)
+    assert os.environ.get("VLLM_CPU_OMP_THREADS_BIND") == before
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +73,13 @@ def test_rank_trace_equals_both_real_ranks(tp2_engine, tp2_trace):
 def profiled_tp2(tmp_path_factory, tp2_trace):
     """The tiny Llama's TP=2 rank ops and collectives (real 2-process shm group) in a fresh database."""
     from dooly.db import LatencyDB
-    from dooly.engines.vllm import version
+    from dooly.engine_interface import get_engine
     from dooly.profile import Limits, current_environment, default_threads, plan_profile, run_profile
 
+    version = get_engine("vllm").version
+
     db = LatencyDB(f"sqlite:///{tmp_path_factory.mktemp('tp2') / 'latency.db'}")
-    env = current_environment("vllm", version(), "bfloat16", default_threads(2), tp=2)
+    env = current_environment("vllm", version(), "bfloat16", default_threads(2), 2)
     plan = plan_profile([tp2_trace], env, {}, "reduced", Limits(128, 8))
     summary = run_profile(plan, db)
     assert not summary.failed
@@ -116,8 +124,8 @@ def test_vidur_export_at_tp2_describes_one_worker_and_its_all_reduces(profiled_t
     from dooly.export import export_vidur
     from dooly.export.vidur import num_tokens_points
     from dooly.predict import Predictor, predict_step
-    from dooly.profile.batches import Batch
-    from dooly.profile.runner import FREE, classify
+    from dooly.records import Batch
+    from dooly.records import FREE, classify
 
     db, env = profiled_tp2
     res = export_vidur("dooly/tiny-llama", tmp_path / "export", db=db.url, max_num_batched_tokens=128,

@@ -100,21 +100,23 @@ def test_an_engine_leaves_the_process_as_it_found_it(tiny_llama, tiny_llama_engi
 
     import torch
 
+    from dooly.deployment import Deployment, kv_blocks, scheduler_settings
     from dooly.engines.vllm.engine import ENGINE_ENV, running_engine
-    from dooly.sim.scheduler import kv_blocks, scheduler_settings
 
     for key in ENGINE_ENV:
         monkeypatch.delenv(key, raising=False)  # the session engine's own settings come back afterwards
     settings = scheduler_settings(tiny_llama.config, "bfloat16")
-    before = kv_blocks(settings)  # VLLM_CPU_KVCACHE_SPACE unset: vLLM's 4 GiB
+    before = Deployment.resolve(tiny_llama).num_blocks
+    assert before == kv_blocks(settings, 4.0) == 4 * kv_blocks(settings, 1.0)  # the default KV space: 4 GiB
     threads = torch.get_num_threads()
     torch._C.set_num_threads(threads + 1)  # torch's own: the session's engine made torch.set_num_threads a no-op
     try:
         with running_engine(tiny_llama.config, kv_cache_gib=1, threads=1):
-            assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1" and kv_blocks(settings) == before // 4
-            assert torch.get_num_threads() == 1
+            assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1" and torch.get_num_threads() == 1
+            # KV sizing is an argument: a simulation while (or after) an engine runs ignores its KV space
+            assert Deployment.resolve(tiny_llama).num_blocks == before
         assert not any(key in os.environ for key in ENGINE_ENV)
-        assert kv_blocks(settings) == before and torch.get_num_threads() == threads + 1
+        assert Deployment.resolve(tiny_llama).num_blocks == before and torch.get_num_threads() == threads + 1
         assert torch.set_num_threads is torch._C.set_num_threads  # works again after the engine
     finally:
         torch._C.set_num_threads(threads)

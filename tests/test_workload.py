@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dooly.errors import DoolyError
-from dooly.sim.workload import load, synthetic
+from dooly.workload import load, synthetic
 
 
 def test_synthetic_is_seeded_and_shaped():

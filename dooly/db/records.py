@@ -22,19 +22,33 @@ class Environment:
     torch_version: str
     dtype: str  # model dtype the engine runs in
     threads: int  # intra-op threads the engine's worker uses
-    binding: str  # how those threads are bound (e.g. "omp-1-core")
+    binding: str  # how those threads are bound (e.g. "omp-1-threads")
     timing: str  # timing method id (changing the method invalidates old points)
+    tensor_parallel_size: int = 1  # ranks of the tensor-parallel group the measurements ran in (1: none)
+    communicator: str = ""  # what that group's collectives run over (e.g. "cpu-shm"); "" without a group
 
     @property
     def key(self) -> str:
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        """Hash of every field. Keys are stable across dooly versions: the group is hashed as it was
+        first stored, inside the binding ("omp-1-threads,tp=2,comm=cpu-shm")."""
+        fields = asdict(self)
+        tp, comm = fields.pop("tensor_parallel_size"), fields.pop("communicator")
+        if tp > 1:
+            fields["binding"] += f",tp={tp},comm={comm}"
+        return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "Environment":
-        return cls(**json.loads(text))
+        fields = json.loads(text)
+        if "tensor_parallel_size" not in fields:  # stored before the group had fields of its own
+            binding, *group = fields["binding"].split(",")
+            parts = dict(p.split("=", 1) for p in group)
+            fields.update(binding=binding, tensor_parallel_size=int(parts.get("tp", 1)),
+                          communicator=parts.get("comm", ""))
+        return cls(**fields)
 
     def differences(self, other: "Environment") -> dict[str, tuple]:
         a, b = asdict(self), asdict(other)

@@ -161,6 +161,21 @@ class LatencyDB:
                 .returning(S.measurements.c.point))
             return res.first() is not None
 
+    def replace_measurements(self, env: Environment, signature: str, op: str, signature_text: str,
+                             measurements: list[Measurement]) -> None:
+        """Replace every point of one signature in one environment by `measurements`, in one
+        transaction: readers see the old points or the new ones, and a failure keeps the old ones."""
+        rows = [{"env": env.key, "signature": signature, "point": m.point, "median_us": m.median_us,
+                 "p25_us": m.p25_us, "p75_us": m.p75_us, "repeats": m.repeats, "cost_s": m.cost_s, "run_id": None,
+                 "created": time.time()} for m in measurements]
+        with self.engine.begin() as conn:
+            conn.execute(self._insert_ignore(S.environments, ["key"]).values(key=env.key, fields=env.to_json()))
+            conn.execute(self._insert_ignore(S.signatures, ["id"]).values(id=signature, op=op, text=signature_text))
+            m = S.measurements
+            conn.execute(m.delete().where(m.c.env == env.key, m.c.signature == signature))
+            if rows:
+                conn.execute(m.insert(), rows)
+
     def signature_text(self, signature: str) -> str | None:
         with self.engine.connect() as conn:
             return conn.execute(select(S.signatures.c.text).where(S.signatures.c.id == signature)).scalar()

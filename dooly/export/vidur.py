@@ -51,8 +51,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from dooly.deployment import Deployment
 from dooly.engine_interface import get_engine
 from dooly.errors import DoolyError
+from dooly.records import DEFAULT_OPTIONS, EngineOptions
 
 VIDUR_VERSION = "0.0.26"  # the PyPI release bench/vidur_dropin.py runs these files with
 KV_GRANULARITY = 256  # Vidur 0.0.26's default kv_cache_prediction_granularity
@@ -88,17 +90,17 @@ def vidur_op(op) -> str | None:
     """The Vidur op a traced op is part of ("attention": the kernel behind both attn_prefill and
     attn_decode; "emb": the embedding, which Vidur's profiler records and its predictor ignores);
     None where Vidur's step model has no place for it."""
-    from dooly.profile.runner import COLLECTIVE, classify
+    from dooly.records import COLLECTIVE
 
-    attention = get_engine("vllm").stateful
+    engine = get_engine("vllm")
 
     m = _LAYER.search(op.module)
     if m is None:
         return "emb" if op.module.endswith("embed_tokens") else None
-    if classify(op.op, op.attrs) == COLLECTIVE:  # inside o_proj / down_proj: Vidur's own all-reduce term
+    if engine.classify(op.op, op.attrs) == COLLECTIVE:  # inside o_proj / down_proj: Vidur's own all-reduce term
         return "all_reduce" if "allreduce" in op.op.replace("_", "") else None
     if m.group(1) == "self_attn.attn":
-        return {attention.ATTENTION_OP: "attention", attention.KV_UPDATE_OP: "attn_kv_cache_save"}.get(op.op)
+        return {engine.attention_op: "attention", engine.kv_write_op: "attn_kv_cache_save"}.get(op.op)
     if op.op == "aten::add.Tensor" and [a.dims for a in op.args[:2]] == [("num_tokens", "hidden_size")] * 2:
         return "add"  # the residual add, which vLLM runs inside its fused add + RMSNorm module
     return LAYER_MODULES.get(m.group(1))
@@ -117,12 +119,12 @@ class Part:
 
 def split_trace(trace) -> tuple[dict[str, list[Part]], list[dict]]:
     """(Vidur op -> its parts, ops with no Vidur column as {module, op, count})."""
-    from dooly.profile.runner import FREE, classify
+    from dooly.records import FREE
     from dooly.trace.records import fold_layers
 
     parts, other = Counter(), Counter()
     for op in trace.ops:
-        if classify(op.op, op.attrs) == FREE:
+        if get_engine(trace.engine).classify(op.op, op.attrs) == FREE:
             continue
         name = vidur_op(op)
         if name is None:
@@ -247,7 +249,7 @@ class Tables:
         return pd.DataFrame(rows)
 
     def attention(self, keys: dict, max_len: int, max_tokens: int, max_seqs: int) -> pd.DataFrame:
-        from dooly.profile.batches import Batch
+        from dooly.records import Batch
 
         rows = []
         for chunk, kv, batch in attention_points(max_len, max_tokens, max_seqs):
@@ -277,18 +279,18 @@ class VidurExport:
 
 
 def export_vidur(model: str, out, *, db: str | None = None, dtype: str = "bfloat16",
-                 max_num_batched_tokens: int = 4096, max_num_seqs: int = 256, device: str = "cpu",
-                 threads: int | None = None, tensor_parallel_size: int = 1) -> VidurExport:
+                 options: EngineOptions = DEFAULT_OPTIONS, device: str = "cpu", threads: int | None = None,
+                 tensor_parallel_size: int = 1, **engine_options) -> VidurExport:
     """Write Vidur's profile files for `model` on vLLM, filled from the latency database, into `out`.
 
+    Engine options as for `simulate` (`options`, and any of its fields by name on top); the files and
+    Vidur's flags carry the values the engine uses (vLLM may lower an option), as `dooly simulate` does.
     At `tensor_parallel_size` K > 1 the files describe one of K workers (the rank's sharded ops, as
     Vidur's profiler measures them per worker) plus all_reduce.csv, from a database profiled with
     `dooly profile MODEL --tp K`."""
-    from dooly.catalog import resolve
     from dooly.db import LatencyDB
     from dooly.db.store import default_url
     from dooly.predict import Predictor
-    from dooly.profile import current_environment, default_threads
     from dooly.trace import trace_model
 
     out = Path(out).expanduser().resolve()
@@ -296,30 +298,21 @@ def export_vidur(model: str, out, *, db: str | None = None, dtype: str = "bfloat
         raise DoolyError(f"{out} exists and is not an empty folder; choose a new --out")
     if not re.fullmatch(r"[a-z0-9_]+", device):
         raise DoolyError(f"bad device name {device!r}: lowercase letters, digits and _ (a Vidur SKU name)")
-    tp = tensor_parallel_size
-    for key, value in (("max_num_batched_tokens", max_num_batched_tokens), ("max_num_seqs", max_num_seqs),
-                       ("tensor_parallel_size", tp)):
-        if value <= 0:
-            raise DoolyError(f"{key} must be > 0, got {value}")
-    spec = resolve(model)
+    d = Deployment.resolve(model, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+                           options=options.replace(**engine_options), threads=threads)
+    spec, tp = d.spec, d.tensor_parallel_size
+    max_num_batched_tokens, max_num_seqs = d.max_num_batched_tokens, d.max_num_seqs  # what the engine uses
     url = db or default_url()
     hint = f"dooly profile {spec.name}{f' --tp {tp}' if tp > 1 else ''} --db {url}"
-    sched = get_engine("vllm").Scheduler(spec.config, dtype, max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
-    block, max_len = sched.cfg.cache_config.block_size, sched.max_model_len
-    num_blocks = sched.num_blocks
-    if tp > 1:  # the blocks dooly simulate gives a TP engine: every worker's KV space, 1/tp of the heads each
-        from dooly.sim.scheduler import kv_blocks, scheduler_settings
-
-        num_blocks = kv_blocks(scheduler_settings(spec.config, dtype, max_num_batched_tokens=max_num_batched_tokens,
-                                                  max_num_seqs=max_num_seqs), tp)
+    block, max_len, num_blocks = d.block_size, d.max_model_len, d.num_blocks
     vmodel = vidur_model_config(spec.name, spec.config, max_len)
-    trace = trace_model(spec, dtype=dtype, tp=tp)
+    trace = trace_model(spec, dtype=d.dtype, tp=tp, cache=True)
     parts, unplaced = split_trace(trace)
     missing = [name for name in (*REQUIRED, *(("all_reduce",) if tp > 1 else ())) if name not in parts]
     if missing:
         raise DoolyError(f"{spec.name}: no traced op maps to Vidur's {', '.join(missing)} (modules: "
                          f"{sorted({p.module for ps in parts.values() for p in ps})})")
-    env = current_environment("vllm", get_engine("vllm").version(), dtype, threads or default_threads(tp), tp=tp)
+    env = d.env
     try:
         predictor = Predictor(LatencyDB(url, create=False), env)
         for p in (p for ps in parts.values() for p in ps):

@@ -16,8 +16,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from dooly.db import LatencyDB, Measurement, point_key
-from dooly.db import schema as S
+from dooly.db import Environment, LatencyDB, Measurement, point_key
 
 OVERHEAD_OP = "dooly::engine_step_overhead"
 OVERHEAD_TEXT = json.dumps({"op": OVERHEAD_OP}, sort_keys=True)
@@ -33,17 +32,15 @@ def overhead_point(trace, batch) -> dict[str, int]:
     return {"num_ops": executed_ops(trace), "num_reqs": len(batch.query_lens), "num_tokens": batch.num_tokens}
 
 
-def store_calibration(db: LatencyDB, env_key: str, residuals: list[tuple[dict, float]], cost_s: float) -> int:
-    """Replace this environment's overhead points by the median residual per point."""
+def store_calibration(db: LatencyDB, env: Environment, residuals: list[tuple[dict, float]], cost_s: float) -> int:
+    """Replace this environment's overhead points by the median residual per point (one transaction)."""
     groups: dict[str, list[float]] = defaultdict(list)
     for point, us in residuals:
         groups[point_key(point)].append(us)
-    db.add_signatures({OVERHEAD_SIG: (OVERHEAD_OP, OVERHEAD_TEXT)})
-    with db.engine.begin() as conn:
-        conn.execute(S.measurements.delete().where(S.measurements.c.env == env_key,
-                                                   S.measurements.c.signature == OVERHEAD_SIG))
+    points = []
     for key, values in groups.items():
         p25, med, p75 = np.percentile(values, [25, 50, 75])
-        db.add_measurement(env_key, Measurement(OVERHEAD_SIG, key, float(med), float(p25), float(p75), len(values),
-                                                cost_s / max(len(groups), 1)), None)
+        points.append(Measurement(OVERHEAD_SIG, key, float(med), float(p25), float(p75), len(values),
+                                  cost_s / max(len(groups), 1)))
+    db.replace_measurements(env, OVERHEAD_SIG, OVERHEAD_OP, OVERHEAD_TEXT, points)
     return len(groups)

@@ -15,10 +15,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from dooly.engine_interface import get_engine
 from dooly.errors import DoolyError
 from dooly.predict.predictor import Predictor
-from dooly.profile.batches import Batch
-from dooly.profile.runner import COLLECTIVE, FREE, STATEFUL, STATELESS, classify
+from dooly.records import Batch
+from dooly.records import COLLECTIVE, FREE, STATEFUL, STATELESS
 from dooly.trace.records import Trace
 
 
@@ -38,19 +39,20 @@ class StepPredictor:
         if trace.engine != "vllm":
             raise DoolyError(f"step prediction needs a vLLM trace (one op list per step), got {trace.engine}")
         self.trace, self.predictor = trace, predictor
+        eng = get_engine(trace.engine)
         self._by_counts: list = []  # (count, kind, signature, op) of ops that depend on the counts only
         self._attention: list = []  # (count, signature, op) of attention ops (depend on the batch)
         if trace.tp > 1:
             self._check_group_size()
         for g in trace.groups():
-            kind = classify(g.op, g.attrs)
+            kind = eng.classify(g.op, g.attrs)
             if kind == FREE:
                 continue
             if kind == COLLECTIVE:  # like a stateless op: its latency depends on the counts only
                 self._require_collective(g.signature, g.op)
                 self._by_counts.append((g.count, kind, g.signature, g.op))
                 continue
-            if kind == STATEFUL and g.op.endswith("attention_with_output"):
+            if kind == STATEFUL and g.op == eng.attention_op:
                 self._attention.append((g.count, g.signature, g.op))
             else:
                 self._by_counts.append((g.count, kind, g.signature, g.op))
@@ -67,12 +69,11 @@ class StepPredictor:
 
     def _check_group_size(self) -> None:
         """A rank's ops and its collectives were measured for one tensor-parallel degree: the trace's."""
-        from dooly.profile.environment import tensor_parallel_of
-
-        t, env_tp = self.trace, tensor_parallel_of(self.predictor.env)
+        t, env_tp = self.trace, self.predictor.env.tensor_parallel_size
         if env_tp != t.tp:
-            raise DoolyError(f"{t.model} is traced at tp={t.tp} but the predictor's environment is for tp={env_tp}; "
-                             f"predict with current_environment(..., tp={t.tp}) after: {self._profile_command()}")
+            raise DoolyError(f"{t.model} is traced at tensor_parallel_size={t.tp} but the predictor's environment "
+                             f"is for {env_tp}; predict with current_environment(..., {t.tp}) after: "
+                             f"{self._profile_command()}")
 
     def _require_collective(self, signature: str, op: str) -> None:
         if self.predictor.model(signature) is None:

@@ -2,28 +2,12 @@
 
 A point names a step's attention work: `dec_reqs` decoding requests with `dec_kv` tokens of KV each,
 and/or one prefill chunk of `pre_chunk` tokens after `pre_ctx` cached tokens; a KV-cache write point
-names `num_tokens` new tokens. `Batch` is the per-request form the engines and predictors use.
+names `num_tokens` new tokens; `batch_of` turns a point into the per-request `Batch` (dooly.records).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-
-@dataclass(frozen=True)
-class Batch:
-    """A step's attention work: per request, tokens already in the KV cache and new tokens."""
-
-    context_lens: tuple  # tokens of each request already cached
-    query_lens: tuple  # tokens of each request computed in this step
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.query_lens)
-
-    @property
-    def seq_lens(self) -> list[int]:
-        return [c + q for c, q in zip(self.context_lens, self.query_lens)]
+from dooly.records import Batch
 
 
 # Batch compositions swept for attention (variables: decode requests and their KV length; a prefill

@@ -78,11 +78,11 @@ def profile_shard(db_url: str, part: ProfilePlan, run_id: int) -> dict:
     import platform
 
     from dooly.engine_interface import get_engine
-    from dooly.profile.environment import current_environment, tensor_parallel_of
+    from dooly.profile.environment import current_environment
 
     env = part.env
     here = current_environment(env.engine, get_engine(env.engine).version(), env.dtype, env.threads,
-                               tp=tensor_parallel_of(env))
+                               env.tensor_parallel_size)
     if here.key != env.key:
         diff = "; ".join(f"{k}: worker {a!r}, plan {b!r}" for k, (a, b) in here.differences(env).items())
         raise DoolyError(f"the Ray worker on {platform.node()} measures in another environment ({diff})")

@@ -39,23 +39,15 @@ def default_threads(tp: int = 1) -> int:
     return max(1, cores - 1) if tp == 1 else max(1, cores // tp)
 
 
-def current_environment(engine: str, engine_version: str, dtype: str, threads: int, tp: int = 1) -> Environment:
-    """`threads` are per rank. With tp > 1 the binding also names the group: its size and the
-    communicator its collectives run over (tp=1 keys are those of single-process measurements)."""
-    import torch
+def current_environment(engine: str, engine_version: str, dtype: str, threads: int,
+                        tensor_parallel_size: int = 1) -> Environment:
+    """The key of measurements taken here now. `threads` are per rank; at tensor_parallel_size > 1 the
+    environment also names the communicator the group's collectives run over."""
+    from importlib.metadata import version  # torch's version without importing torch
 
     name, isa = _cpu_info()
-    binding = f"omp-{threads}-threads"
-    if tp > 1:
-        binding += f",tp={tp},comm={COMMUNICATORS['cpu']}"
+    tp = tensor_parallel_size
     return Environment(device="cpu", device_name=name, isa=isa, engine=engine, engine_version=engine_version,
-                       torch_version=torch.__version__, dtype=dtype, threads=threads,
-                       binding=binding, timing=TIMING_METHOD)
-
-
-def tensor_parallel_of(env: Environment) -> int:
-    """The tensor-parallel degree an environment's measurements were taken at (1: no group)."""
-    for part in env.binding.split(","):
-        if part.startswith("tp="):
-            return int(part[3:])
-    return 1
+                       torch_version=version("torch"), dtype=dtype, threads=threads,
+                       binding=f"omp-{threads}-threads", timing=TIMING_METHOD, tensor_parallel_size=tp,
+                       communicator=COMMUNICATORS["cpu"] if tp > 1 else "")

@@ -19,29 +19,16 @@ from typing import Callable
 import torch
 
 from dooly.db import Environment, LatencyDB, Measurement, parse_point, point_key
-from dooly.engine_interface import engine_module, get_engine
+from dooly.engine_interface import get_engine
 from dooly.errors import DoolyError
-from dooly.profile.environment import tensor_parallel_of
 from dooly.profile.grid import Limits, points
 from dooly.profile.replay import NotReplayable, materialize, request_vars_of
 from dooly.profile.timing import measure
-from dooly.trace.records import REQUEST_VARS, Trace, is_metadata_op
+from dooly.records import COLLECTIVE, FREE, STATEFUL, STATELESS
+from dooly.trace.records import REQUEST_VARS, Trace
 
-STATELESS, FREE, STATEFUL, COLLECTIVE = "stateless", "free", "stateful", "collective"
 GROUP_START_S = 30.0  # rough cost of starting a tensor-parallel group (every rank imports the engine)
-_COLLECTIVE_PREFIXES = ("_C::shm_", "vllm::all_reduce", "vllm::all_gather", "vllm::reduce_scatter", "c10d::")
 
-
-def classify(op: str, attrs: tuple) -> str:
-    """stateless: replayed here; free: metadata-only (no time); stateful: through the engine's set-up;
-    collective: between the ranks of a real tensor-parallel group."""
-    if is_metadata_op(op):
-        return FREE
-    if any(k == "backend" for k, _ in attrs):
-        return STATEFUL
-    if op.startswith(_COLLECTIVE_PREFIXES):
-        return COLLECTIVE
-    return STATELESS
 
 
 @dataclass
@@ -103,12 +90,11 @@ class ProfileSummary:
 def not_profilable(trace: Trace) -> dict[str, tuple[str, str]]:
     """Signatures of `trace` this machine cannot measure: signature -> (op, why). A trace made here
     has none; one made for another CPU's kernels (e.g. AMX) can."""
-    replay = engine_module(trace.engine, "replay")
-    blocker = getattr(replay, "replay_blocker", None)
+    eng = get_engine(trace.engine)
     out: dict[str, tuple[str, str]] = {}
     for g in trace.groups():
-        if blocker is not None and classify(g.op, g.attrs) in (STATELESS, STATEFUL) and g.signature not in out:
-            why = blocker(g.op, g.signature_text, dict(g.attrs))
+        if eng.classify(g.op, g.attrs) in (STATELESS, STATEFUL) and g.signature not in out:
+            why = eng.replay_blocker(g.op, g.signature_text, dict(g.attrs))
             if why:
                 out[g.signature] = (g.op, why)
     return out
@@ -132,10 +118,10 @@ def plan_profile(traces: list[Trace], env: Environment, stored: dict, grid: str 
     deferred: dict[str, tuple] = {}
     for t in traces:
         need = needs.setdefault(t.model, set())
-        stateful = getattr(get_engine(t.engine), "stateful", None)
-        collectives = _collectives(t.engine)
+        eng = get_engine(t.engine)
+        stateful, collectives = eng.stateful, eng.collectives
         for g in t.groups():
-            kind = classify(g.op, g.attrs)
+            kind = eng.classify(g.op, g.attrs)
             if kind == STATEFUL and (stateful is None or g.op not in stateful.STATEFUL_OPS):
                 kind = "stateful-unsupported"  # no engine-side set-up for it yet: listed, not dropped
             if kind == COLLECTIVE and (collectives is None or g.op not in collectives.COLLECTIVE_OPS):
@@ -144,10 +130,10 @@ def plan_profile(traces: list[Trace], env: Environment, stored: dict, grid: str 
                 if kind != FREE:
                     deferred[g.signature] = (g.op, kind)
                 continue
-            if kind == COLLECTIVE and tensor_parallel_of(env) != t.tp:
+            if kind == COLLECTIVE and env.tensor_parallel_size != t.tp:
                 # a collective's signature holds its shapes, not its group: the environment must
-                raise DoolyError(f"{t.model} is traced at tp={t.tp} but the environment is for tp="
-                                 f"{tensor_parallel_of(env)}: build it with current_environment(..., tp={t.tp})")
+                raise DoolyError(f"{t.model} is traced at tensor_parallel_size={t.tp} but the environment is for "
+                                 f"{env.tensor_parallel_size}: build it with current_environment(..., {t.tp})")
             if g.signature not in work:
                 if kind in (STATELESS, COLLECTIVE):
                     variables = request_vars_of(g.signature_text, REQUEST_VARS)
@@ -189,15 +175,6 @@ def _estimate_point_s(text: str, values: dict) -> float:
     return max(0.2, 8 * call) + 0.02
 
 
-def _collectives(engine: str):
-    """The engine's collectives module (dooly.engines.<engine>.collectives), or None."""
-    return engine_module(engine, "collectives")
-
-
-def _load_replay_rules(engine: str) -> None:
-    """Engine-specific replay rules live with their engine (e.g. dooly.engines.vllm.replay)."""
-    engine_module(engine, "replay")
-
 
 def run_profile(plan: ProfilePlan, db: LatencyDB, progress: Callable[[str, int, int], None] | None = None,
                 collectives=None, run_id: int | None = None) -> ProfileSummary:
@@ -208,7 +185,8 @@ def run_profile(plan: ProfilePlan, db: LatencyDB, progress: Callable[[str, int, 
     run_id: store the points under this run, which another process started and keeps the books
     of (a shard of a distributed run); by default the run is started and finished here.
     """
-    _load_replay_rules(plan.env.engine)
+    eng = get_engine(plan.env.engine)
+    eng.load_replay_rules()
     env_key = db.ensure_environment(plan.env)
     db.add_signatures({w.signature: (w.op, w.text) for w in plan.work})
     own_run = run_id is None
@@ -218,7 +196,7 @@ def run_profile(plan: ProfilePlan, db: LatencyDB, progress: Callable[[str, int, 
     stateful = None
     if any(w.kind == STATEFUL for w in plan.work):
         limits = plan.limits
-        stateful = get_engine(plan.env.engine).stateful.StatefulProfiler(
+        stateful = eng.stateful.StatefulProfiler(
             plan.env.dtype, limits.max_num_batched_tokens, limits.max_num_seqs)
     group, own_group = collectives, collectives is None
     costs = {k: m.cost_s for k, m in plan.stored.items()}
@@ -241,7 +219,7 @@ def run_profile(plan: ProfilePlan, db: LatencyDB, progress: Callable[[str, int, 
             try:
                 if w.kind == COLLECTIVE:
                     if group is None:
-                        group = _collectives(plan.env.engine).CollectiveProfiler(w.attrs["world_size"],
+                        group = eng.collectives.CollectiveProfiler(w.attrs["world_size"],
                                                                                  plan.env.threads)
                     if group.world_size != w.attrs["world_size"]:
                         raise DoolyError(f"the group has {group.world_size} ranks, the trace {w.attrs['world_size']}")

@@ -54,7 +54,7 @@ def _as_grid(grid) -> dict:
 
 
 def _lengths(workload, requests: int | None) -> tuple:
-    from dooly.sim.workload import parse_workload
+    from dooly.workload import parse_workload
 
     reqs = parse_workload(workload)
     if requests is not None:
@@ -66,7 +66,7 @@ def _lengths(workload, requests: int | None) -> tuple:
 
 def _check_lengths(lengths: tuple, configs: list[Configuration]) -> None:
     from dooly.catalog import resolve
-    from dooly.sim.scheduler import scheduler_settings
+    from dooly.deployment import scheduler_settings
 
     longest = max(range(len(lengths)), key=lambda i: sum(lengths[i]))
     for model in dict.fromkeys(c.model for c in configs):

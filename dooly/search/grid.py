@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dooly.errors import DoolyError
+from dooly.records import DEFAULT_OPTIONS, EngineOptions
 
 
 @dataclass(frozen=True)
@@ -29,11 +30,11 @@ class Configuration:
     model: str  # catalog id or config path, as given
     dtype: str = "bfloat16"
     tensor_parallel_size: int = 1
-    attention_backend: str | None = None  # None: the engine's choice
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 4096
-    enable_chunked_prefill: bool = True
-    enable_prefix_caching: bool = True
+    attention_backend: str | None = DEFAULT_OPTIONS.attention_backend  # None: the engine's choice
+    max_num_seqs: int = DEFAULT_OPTIONS.max_num_seqs
+    max_num_batched_tokens: int = DEFAULT_OPTIONS.max_num_batched_tokens
+    enable_chunked_prefill: bool = DEFAULT_OPTIONS.enable_chunked_prefill
+    enable_prefix_caching: bool = DEFAULT_OPTIONS.enable_prefix_caching
 
     @property
     def key(self) -> str:
@@ -46,24 +47,26 @@ class Configuration:
         return " ".join(parts)
 
     @property
-    def devices(self) -> int:
-        return self.tensor_parallel_size
-
-    @property
     def trace_key(self) -> tuple:
         """What the traced step (and so its step predictor) depends on."""
         return (self.model, self.dtype, self.tensor_parallel_size, self.attention_backend)
 
+    def engine_options(self) -> EngineOptions:
+        return DEFAULT_OPTIONS.replace(attention_backend=self.attention_backend, max_num_seqs=self.max_num_seqs,
+                                       max_num_batched_tokens=self.max_num_batched_tokens,
+                                       enable_chunked_prefill=self.enable_chunked_prefill,
+                                       enable_prefix_caching=self.enable_prefix_caching)
+
     def engine_kwargs(self) -> dict:
-        """Scheduler options as vLLM's EngineArgs take them (for `FastScheduler` / `scheduler_settings`)."""
-        kw = {"max_num_seqs": self.max_num_seqs, "max_num_batched_tokens": self.max_num_batched_tokens,
-              "enable_chunked_prefill": self.enable_chunked_prefill,
-              "enable_prefix_caching": self.enable_prefix_caching}
-        if self.tensor_parallel_size > 1:
-            kw["tp"] = self.tensor_parallel_size
-        if self.attention_backend is not None:
-            kw["attention_backend"] = self.attention_backend
-        return kw
+        """Scheduler options as the engine's config builder takes them (`scheduler_settings`)."""
+        return self.engine_options().engine_kwargs(self.tensor_parallel_size)
+
+    def deployment(self, spec=None):
+        """The configuration resolved (`spec`: its model, if already resolved)."""
+        from dooly.deployment import Deployment
+
+        return Deployment.resolve(spec or self.model, dtype=self.dtype, tensor_parallel_size=self.tensor_parallel_size,
+                                  options=self.engine_options())
 
     def options(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)[1:]}
@@ -178,7 +181,7 @@ def engine_check(configs: list[Configuration], grid: dict) -> dict[str, str]:
 
     Raises DoolyError when a value of the grid is rejected in every combination it appears in."""
     from dooly.catalog import resolve
-    from dooly.sim.scheduler import scheduler_settings
+    from dooly.deployment import scheduler_settings
 
     rejected: dict[str, str] = {}
     specs = {}
@@ -235,12 +238,10 @@ class _Rejections:
     code that builds the config."""
 
     def __init__(self):
-        from dooly.engine_interface import get_engine
+        from dooly.deployment import settings_code
         from dooly.trace.cache import cache_dir
 
-        root = Path(__file__).resolve().parent.parent
-        self.code = [get_engine("vllm").version(), *(f.read_text() for f in (root / "sim" / "scheduler.py",
-                                                           root / "engines" / "vllm" / "setup.py"))]
+        self.code = settings_code("vllm")
         self.folder = cache_dir().parent / "schedulers-rejected"
 
     def _path(self, config: dict, c: Configuration) -> Path:

@@ -86,6 +86,7 @@ class Workbench:
         self._specs: dict = {}
         self._steps: dict = {}  # trace key -> StepPredictor, or the DoolyError saying what is missing
         self._memos: dict = {}  # trace key -> {Batch: predicted seconds}
+        self._deployments: dict = {}  # configuration -> its Deployment
         self.runs: dict = {}  # (scheduler class, rate) -> [(Slack, Probe)] of the simulations run here
 
     def spec(self, model: str):
@@ -113,26 +114,24 @@ class Workbench:
         return self._memos.setdefault(c.trace_key, {})
 
     def _build(self, c: Configuration):
-        from dooly.engine_interface import get_engine
         from dooly.predict import Predictor, StepPredictor
-        from dooly.profile import current_environment, default_threads
         from dooly.trace import trace_model
 
-        tp = c.tensor_parallel_size
-        trace = trace_model(self.spec(c.model), dtype=c.dtype, tp=tp, attention_backend=c.attention_backend,
-                            cache=True)
-        env = current_environment("vllm", get_engine("vllm").version(), c.dtype, default_threads(tp), tp=tp)
-        return StepPredictor(trace, Predictor(self.db, env))
+        d = self.deployment(c)
+        trace = trace_model(d.spec, dtype=d.dtype, tp=d.tensor_parallel_size,
+                            attention_backend=d.options.attention_backend, cache=True)
+        return StepPredictor(trace, Predictor(self.db, d.env))
+
+    def deployment(self, c: Configuration):
+        if c not in self._deployments:
+            self._deployments[c] = c.deployment(self.spec(c.model))
+        return self._deployments[c]
 
     def scheduler(self, c: Configuration):
         """A fresh FastScheduler for the configuration, its KV blocks those of one rank."""
-        from dooly.sim.scheduler import FastScheduler, kv_blocks, scheduler_settings
+        from dooly.sim.scheduler import FastScheduler
 
-        spec, kw = self.spec(c.model), c.engine_kwargs()
-        num_blocks = None
-        if c.tensor_parallel_size > 1:  # each rank holds 1/tp of the KV heads in its own KV space
-            num_blocks = kv_blocks(scheduler_settings(spec.config, c.dtype, **kw), c.tensor_parallel_size)
-        return FastScheduler(spec.config, c.dtype, num_blocks=num_blocks, **kw)
+        return FastScheduler.for_deployment(self.deployment(c))
 
 
 def fresh_copy(obj):
@@ -236,7 +235,7 @@ def estimate_throughput(step, config: Configuration, lengths) -> float:
     """Requests/s at saturation, roughly: prefill in full chunks, decode in batches of every request.
 
     It does not depend on max_num_seqs, so configurations that behave alike start alike."""
-    from dooly.profile.batches import Batch
+    from dooly.records import Batch
 
     n = len(lengths)
     prompt = sum(p for p, _ in lengths) / n
@@ -294,7 +293,7 @@ def evaluate_configuration(bench: Workbench, config: Configuration) -> tuple[dic
     else:
         status, goodput, reason = ("capped" if lo == top else "ok"), float(rates[lo]), ""
         stats = {f"{n}_s": v for n, v in probes[lo].stats.items()}
-    row.update({"status": status, "goodput_rps": goodput, "goodput_per_device_rps": goodput / config.devices,
+    row.update({"status": status, "goodput_rps": goodput, "goodput_per_device_rps": goodput / config.tensor_parallel_size,
                 **stats, "simulations": len(probes), "steps": sum(p.steps for p in probes.values()),
                 "reason": reason})
     rate_rows = [{"config": config.key, "rate_rps": p.rate, "met": p.met, "stopped_early": p.stopped_early,

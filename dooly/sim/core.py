@@ -7,60 +7,11 @@ is complete by the end of the step emits one token at the step's end.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from dooly.profile.batches import Batch
+from dooly.records import Batch, RequestResult, RequestSpec, ScheduledStep, StepResult
 
-
-@dataclass
-class ScheduledStep:
-    """What one engine step runs."""
-
-    batch: Batch  # per scheduled request: tokens already computed, tokens computed now
-    req_ids: list  # in batch order
-    finished: list  # requests that finished with this step
-    preempted: list  # requests preempted while scheduling this step
-    first_tokens: list  # requests that produced their first output token in this step
-
-
-@dataclass(frozen=True)
-class RequestSpec:
-    request_id: str
-    arrival_s: float
-    prompt_tokens: int
-    output_tokens: int
-
-
-@dataclass
-class RequestResult:
-    request_id: str
-    arrival_s: float
-    prompt_tokens: int
-    output_tokens: int
-    token_times: list = field(default_factory=list)  # virtual time of each output token
-
-    @property
-    def ttft_s(self) -> float:
-        return self.token_times[0] - self.arrival_s
-
-    @property
-    def e2e_s(self) -> float:
-        return self.token_times[-1] - self.arrival_s
-
-    @property
-    def tpot_s(self) -> float | None:
-        n = len(self.token_times)
-        return (self.token_times[-1] - self.token_times[0]) / (n - 1) if n > 1 else None
-
-
-@dataclass
-class StepResult:
-    start_s: float
-    end_s: float
-    req_ids: list
-    batch: Batch
-    preempted: list
+__all__ = ["RequestResult", "RequestSpec", "ScheduledStep", "Scheduler", "StepResult", "prompt_ids", "simulate"]
 
 
 class Scheduler(Protocol):

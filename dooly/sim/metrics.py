@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from dooly.sim.core import RequestResult, StepResult
+from dooly.records import RequestResult, StepResult
 
 PERCENTILES = (50, 90, 99)
 

@@ -1,5 +1,6 @@
-"""Simulating a deployment end to end: the model's cached trace, the predictor on this environment, the
-engine's scheduling policy in virtual time, and the metrics (the `dooly simulate` stage)."""
+"""Simulating a deployment end to end: the model's cached trace, the predictor on the deployment's
+environment, the engine's scheduling policy in virtual time, and the metrics (the `dooly simulate` stage).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from dooly.deployment import Deployment
 from dooly.engine_interface import get_engine
 from dooly.errors import DoolyError
-from dooly.sim.workload import parse_workload
+from dooly.records import DEFAULT_OPTIONS, EngineOptions
+from dooly.workload import parse_workload
+
+SCHEDULERS = ("fast", "vllm")
 
 
 @dataclass
@@ -19,57 +24,76 @@ class SimulationResult:
     steps: pd.DataFrame  # one row per engine step: batch composition and predicted latency
 
 
-def model_context(model: str, db: str | None, dtype: str, tp: int, threads: int | None, **limits: int):
-    """What simulating `model` on vLLM at TP `tp` needs: (spec, cached trace, predictor on this environment);
-    engine limits that are not positive fail first."""
-    from dooly.catalog import resolve
+def model_context(deployment: Deployment, db: str | None):
+    """What predicting a deployment's steps needs: (its model's cached trace, a predictor on its
+    environment); fails in one line when the trace holds ops this machine cannot measure."""
     from dooly.db import LatencyDB
     from dooly.predict import Predictor
-    from dooly.profile import current_environment, default_threads
     from dooly.profile.runner import refuse_unprofilable
     from dooly.trace import trace_model
 
-    for name, value in limits.items():
-        if value <= 0:
-            raise DoolyError(f"{name} must be > 0, got {value}")
-    spec = resolve(model)
-    trace = trace_model(spec, dtype=dtype, tp=tp, cache=True)
+    d = deployment
+    trace = trace_model(d.spec, engine=d.engine, dtype=d.dtype, tp=d.tensor_parallel_size,
+                        attention_backend=d.options.attention_backend, cache=True)
     refuse_unprofilable(trace, "predict")
-    env = current_environment("vllm", get_engine("vllm").version(), dtype, threads or default_threads(tp), tp=tp)
-    return spec, trace, Predictor(LatencyDB(db, create=False), env)
+    return trace, Predictor(LatencyDB(db, create=False), d.env)
 
 
-def simulate(model: str, workload, *, db: str | None = None, dtype: str = "bfloat16",
-             max_num_batched_tokens: int = 4096, max_num_seqs: int = 256, enable_prefix_caching: bool = True,
-             enable_chunked_prefill: bool = True, num_gpu_blocks: int | None = None,
-             threads: int | None = None, scheduler: str = "fast",
-             tensor_parallel_size: int = 1) -> SimulationResult:
-    """Simulate serving `model` on vLLM (this machine's engine) for `workload`, from the database.
-
-    scheduler: "fast" (dooly's re-implementation of vLLM's policy, tested to make the same batches)
-    or "vllm" (vLLM's own scheduler and KV-cache manager driven in virtual time; slower)."""
-    from dooly.predict import StepPredictor
-    from dooly.sim import simulate as run
-    from dooly.sim.metrics import requests_frame, steps_frame, summary
+def make_scheduler(deployment: Deployment, kind: str = "fast"):
+    """"fast": dooly's re-implementation of vLLM's policy (tested to make the same batches); "vllm":
+    the engine's own scheduler and KV-cache manager driven in virtual time (slower)."""
     from dooly.sim.scheduler import FastScheduler
 
-    spec, trace, predictor = model_context(model, db, dtype, tensor_parallel_size, threads,
-                                           max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
-    tp = tensor_parallel_size
-    if num_gpu_blocks is None and tp > 1:
-        from dooly.sim.scheduler import kv_blocks, scheduler_settings
+    d = deployment
+    if kind == "fast":
+        return FastScheduler.for_deployment(d)
+    if kind == "vllm":
+        return get_engine(d.engine).scheduler(d.spec.config, d.dtype, num_blocks=d.num_blocks,
+                                              **d.options.engine_kwargs(d.tensor_parallel_size))
+    raise DoolyError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {kind!r}")
 
-        num_gpu_blocks = kv_blocks(scheduler_settings(spec.config, dtype, max_num_batched_tokens=max_num_batched_tokens,
-                                                      max_num_seqs=max_num_seqs), tp)
-    schedulers = {"fast": FastScheduler, "vllm": get_engine("vllm").Scheduler}
-    if scheduler not in schedulers:
-        raise DoolyError(f"scheduler must be one of {sorted(schedulers)}, got {scheduler!r}")
-    sched = schedulers[scheduler](spec.config, dtype, num_blocks=num_gpu_blocks,
-                                  max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                                  enable_prefix_caching=enable_prefix_caching,
-                                  enable_chunked_prefill=enable_chunked_prefill)
-    requests = parse_workload(workload, sched.max_model_len)
+
+def simulate(model: str, workload, *, db: str | None = None, dtype: str = "bfloat16", tensor_parallel_size: int = 1,
+             options: EngineOptions = DEFAULT_OPTIONS, num_gpu_blocks: int | None = None, threads: int | None = None,
+             scheduler: str = "fast", **engine_options) -> SimulationResult:
+    """Simulate serving `model` on vLLM (this machine's engine) for `workload`, from the database.
+
+    Engine options come from `options` (`EngineOptions`), with any of its fields given by name on top
+    (`max_num_seqs=8`); `num_gpu_blocks` replaces the KV blocks the options' KV space gives."""
+    if scheduler not in SCHEDULERS:
+        raise DoolyError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
+    deployment = Deployment.resolve(model, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+                                    options=options.replace(**engine_options), threads=threads,
+                                    num_blocks=num_gpu_blocks)
+    return simulate_deployment(deployment, workload, db=db, scheduler=scheduler)
+
+
+def simulate_deployment(deployment: Deployment, workload, *, db: str | None = None, scheduler: str = "fast",
+                        context: tuple | None = None) -> SimulationResult:
+    """Simulate a resolved deployment; `context`: its `model_context`, if already built."""
+    from dooly.predict import StepPredictor
+    from dooly.sim.core import simulate as run
+    from dooly.sim.metrics import requests_frame, steps_frame, summary
+
+    trace, predictor = context or model_context(deployment, db)
+    sched = make_scheduler(deployment, scheduler)
+    requests = parse_workload(workload, deployment.max_model_len)
     step = StepPredictor(trace, predictor)
     results, steps = run(requests, sched, lambda batch: step(batch).us / 1e6,
-                         vocab=spec.config["vocab_size"])
+                         vocab=deployment.spec.config["vocab_size"])
     return SimulationResult(summary(results), requests_frame(results), steps_frame(steps))
+
+
+def write_simulation(result: SimulationResult, out, plot: bool = False) -> None:
+    """requests.csv, steps.csv and summary.json (and, with `plot`, the plots) into folder `out`."""
+    from pathlib import Path
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    result.requests.to_csv(folder / "requests.csv", index=False)
+    result.steps.to_csv(folder / "steps.csv", index=False)
+    result.summary.to_json(folder / "summary.json", orient="records", indent=1)
+    if plot:
+        from dooly.sim.plots import write_plots
+
+        write_plots(result, folder)

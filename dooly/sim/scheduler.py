@@ -25,18 +25,11 @@ evicting a cached block's hash; a prefix hit on a free cached block takes it out
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from collections import OrderedDict, deque
-from pathlib import Path
 
-from dooly.engine_interface import get_engine
+from dooly.deployment import kv_blocks, scheduler_settings
 from dooly.errors import DoolyError
-from dooly.profile.batches import Batch
-from dooly.sim.core import ScheduledStep
-
-SETTINGS_FORMAT = 1
+from dooly.records import DEFAULT_OPTIONS, Batch, ScheduledStep
 
 
 class _Request:
@@ -136,6 +129,11 @@ class FastScheduler:
         self._configure(scheduler_settings(config, dtype, **engine_kwargs), num_blocks)
 
     @classmethod
+    def for_deployment(cls, deployment) -> "FastScheduler":
+        """The scheduler of a resolved `Deployment`: its effective settings and KV blocks."""
+        return cls.from_settings(deployment.settings, deployment.num_blocks)
+
+    @classmethod
     def from_settings(cls, settings: dict, num_blocks: int | None = None) -> "FastScheduler":
         """A scheduler from plain settings (the dict `scheduler_settings` returns, or one written by
         hand in a test): no engine is imported."""
@@ -157,8 +155,8 @@ class FastScheduler:
         self.chunked = st["enable_chunked_prefill"]
         self.reserve_full = st["scheduler_reserve_full_isl"]
         self.caching = st["enable_prefix_caching"]
-        if num_blocks is None:  # what the CPU engine gets from VLLM_CPU_KVCACHE_SPACE (default 4 GiB), as VllmScheduler
-            num_blocks = kv_blocks(st)
+        if num_blocks is None:  # what the engine gets from the default KV space, as VllmScheduler
+            num_blocks = kv_blocks(st, DEFAULT_OPTIONS.kv_cache_gib)
         self.num_blocks = num_blocks
         self.watermark_blocks = int(st["watermark"] * num_blocks)
         self.pool = BlockPool(num_blocks)
@@ -321,41 +319,3 @@ class FastScheduler:
                 tokens = tuple(prompt[a:]) + self._ones[: b - p]
             prev = hash((prev, tokens))
             hashes.append(prev)
-
-
-def kv_blocks(settings: dict, tp: int = 1) -> int:
-    """KV-cache blocks vLLM's CPU engine gets: VLLM_CPU_KVCACHE_SPACE GiB (default 4) per worker; at
-    tensor-parallel degree `tp` each of the `tp` workers holds 1/tp of the KV heads in that space."""
-    gib = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 4)
-    return int(gib * (1 << 30) * tp // settings["kv_bytes_per_block"])
-
-
-def scheduler_settings(config: dict, dtype: str = "bfloat16", **engine_kwargs) -> dict:
-    """The scheduling settings vLLM's engine config resolves for these options (as `VllmScheduler` builds
-    it), cached as JSON under `$DOOLY_CACHE/schedulers`: building the config imports vLLM (seconds).
-
-    The key hashes the model config, dtype, options, vLLM's version and the code that resolves them.
-    """
-    from dooly.trace.cache import cache_dir
-
-    engine = get_engine("vllm")
-    sources = [Path(__file__), *(Path(engine.__file__).parent / f for f in ("setup.py", "scheduler.py"))]
-    text = json.dumps([SETTINGS_FORMAT, config, dtype, engine_kwargs, engine.version(),
-                       [f.read_text() for f in sources]],
-                      sort_keys=True, default=str)
-    path = cache_dir().parent / "schedulers" / f"{hashlib.sha1(text.encode()).hexdigest()}.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):  # missing or unreadable: resolve and (re)write
-        pass
-    settings = engine.resolve_scheduler_settings(config, dtype, engine_kwargs)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(settings))
-        tmp.replace(path)
-    except OSError:
-        pass
-    return settings
-
-

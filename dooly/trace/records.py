@@ -178,17 +178,3 @@ def fold_layers(module: str) -> str:
     import re
 
     return re.sub(r"\.layers\.\d+(?=\.|$)", ".layers.*", module)
-
-
-# Ops that only reinterpret or allocate (no data movement worth timing); shown with --all.
-METADATA_OPS = frozenset({
-    "aten::view", "aten::_unsafe_view", "aten::reshape", "aten::detach", "aten::alias", "aten::empty.memory_format",
-    "aten::empty_like", "aten::slice.Tensor", "aten::unsqueeze", "aten::squeeze.dim", "aten::flatten.using_ints",
-    "aten::split_with_sizes", "aten::split.Tensor", "aten::t", "aten::transpose.int", "aten::expand",
-    "aten::permute", "aten::movedim.int", "aten::select.int", "aten::as_strided", "prim::device",
-    "aten::lift_fresh", "aten::_to_copy",
-})
-
-
-def is_metadata_op(op: str) -> bool:
-    return op in METADATA_OPS

@@ -19,16 +19,25 @@ Comparison, per workload:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from dooly.deployment import Deployment
+from dooly.engine_interface import get_engine
 from dooly.errors import DoolyError
+from dooly.records import DEFAULT_OPTIONS, EngineOptions
 from dooly.sim.metrics import requests_frame, steps_frame, summary
+from dooly.workload import parse_workload
 
 LATENCY_METRICS = ("ttft_s", "tpot_s", "itl_s", "e2e_s")
 STATS = ("mean", "p50", "p90", "p99")
+# the real engine gets 1 GiB of KV space per worker (memory on small machines); the simulator is given
+# the blocks the engine reports, whatever they are
+VALIDATION_OPTIONS = DEFAULT_OPTIONS.replace(kv_cache_gib=1.0)
 WARMUP = "n=8,prompt=uniform:16:300,output=uniform:4:24,arrivals=burst,seed=123"
 
 
@@ -123,62 +132,75 @@ def compare(workload: str, runs: list, predicted, step_predictor) -> WorkloadVal
 
 
 def validate(model: str, workloads: list[str], *, db: str | None = None, dtype: str = "bfloat16", repeats: int = 3,
-             max_num_batched_tokens: int = 4096, max_num_seqs: int = 256, enable_prefix_caching: bool = True,
-             enable_chunked_prefill: bool = True, kv_cache_gib: int = 1, threads: int | None = None,
-             progress=None, llm=None, tensor_parallel_size: int = 1) -> list[WorkloadValidation]:
+             tensor_parallel_size: int = 1, options: EngineOptions = VALIDATION_OPTIONS, threads: int | None = None,
+             progress=None, llm=None, **engine_options) -> list[WorkloadValidation]:
     """Serve each workload `repeats` times on the real engine and simulate it; compare (see module doc).
 
-    `llm`: an already started engine of this model (`running_engine`) to reuse; the simulator then
-    takes the engine's effective limits from it, whatever the options say."""
-    from dooly.sim.run import model_context
-    from dooly.sim.workload import parse_workload
-    from dooly.engine_interface import get_engine
+    Engine options as for `simulate` (`options`, and any of its fields by name on top). `llm`: an
+    already started engine of this model (`running_engine`) to reuse; the simulator then takes the
+    engine's effective limits and KV blocks from it, whatever the options say."""
     from dooly.predict import StepPredictor
+    from dooly.sim.run import model_context
 
     if repeats < 1:
         raise DoolyError(f"repeats must be >= 1, got {repeats}")
-    tp = tensor_parallel_size
-    spec, trace, predictor = model_context(model, db, dtype, tp, threads,
-                                           max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
-    step = StepPredictor(trace, predictor)  # fails now if data is missing
-    max_len = spec.config.get("max_position_embeddings")
-    parsed = [parse_workload(w, max_len) for w in workloads]  # bad workloads fail before the engine starts
+    deployment = Deployment.resolve(model, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+                                    options=options.replace(**engine_options), threads=threads)
+    context = model_context(deployment, db)
+    step = StepPredictor(*context)  # fails now if data is missing
+    parsed = [parse_workload(w, deployment.max_model_len) for w in workloads]  # bad workloads fail before the engine
     say = progress or (lambda msg: None)
-    options = dict(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                   enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill)
     if llm is None:
-        say(f"starting the engine for {spec.name}")
-        with get_engine("vllm").running_engine(spec.config, dtype=dtype, kv_cache_gib=kv_cache_gib, tensor_parallel_size=tp,
-                            threads=threads, **options) as own:
-            return _validate_on(own, model, spec, workloads, parsed, step, db, dtype, repeats, threads, tp, say)
-    return _validate_on(llm, model, spec, workloads, parsed, step, db, dtype, repeats, threads, tp, say)
+        d = deployment
+        say(f"starting the engine for {d.model}")
+        with get_engine(d.engine).running_engine(d.spec.config, dtype=d.dtype, kv_cache_gib=d.options.kv_cache_gib,
+                                                 tensor_parallel_size=d.tensor_parallel_size, threads=d.threads,
+                                                 **d.engine_kwargs()) as own:
+            return _validate_on(own, deployment, context, workloads, parsed, step, db, repeats, say)
+    return _validate_on(llm, deployment, context, workloads, parsed, step, db, repeats, say)
 
 
-def _validate_on(llm, model, spec, workloads, parsed, step, db, dtype, repeats, threads, tp, say):
+def _validate_on(llm, deployment, context, workloads, parsed, step, db, repeats, say):
     """Serve and simulate every workload on a started engine (its effective limits are the simulator's)."""
-    from dooly.sim.run import simulate
-    from dooly.sim.workload import parse_workload
-    from dooly.engine_interface import get_engine
+    from dooly.sim.run import simulate_deployment
 
-    vocab = spec.config["vocab_size"]
-    cfg = llm.llm_engine.vllm_config
-    sc = cfg.scheduler_config
-    options = dict(max_num_batched_tokens=sc.max_num_batched_tokens, max_num_seqs=sc.max_num_seqs,
-                   enable_prefix_caching=bool(cfg.cache_config.enable_prefix_caching),
-                   enable_chunked_prefill=bool(sc.enable_chunked_prefill))
-    num_blocks = cfg.cache_config.num_gpu_blocks
+    engine = get_engine(deployment.engine)
+    actual = engine.engine_settings(llm)
+    blocks = actual.pop("num_gpu_blocks")
+    d = Deployment.resolve(deployment.spec, dtype=deployment.dtype, tensor_parallel_size=deployment.tensor_parallel_size,
+                           options=deployment.options.replace(**actual), threads=deployment.threads, num_blocks=blocks)
+    vocab = d.spec.config["vocab_size"]
     llm.reset_prefix_cache()
-    serve = get_engine("vllm").serve
-    serve(llm, parse_workload(WARMUP), vocab)
+    engine.serve(llm, parse_workload(WARMUP), vocab)
     out = []
     for text, requests in zip(workloads, parsed):
         runs = []
         for k in range(repeats):
             llm.reset_prefix_cache()
-            say(f"{spec.name}: {text}: engine run {k + 1}/{repeats}")
-            runs.append(serve(llm, requests, vocab))
-        say(f"{spec.name}: {text}: simulating")
-        predicted = simulate(model, requests, db=db, dtype=dtype, num_gpu_blocks=num_blocks, threads=threads,
-                             tensor_parallel_size=tp, **options)
+            say(f"{d.model}: {text}: engine run {k + 1}/{repeats}")
+            runs.append(engine.serve(llm, requests, vocab))
+        say(f"{d.model}: {text}: simulating")
+        predicted = simulate_deployment(d, requests, db=db, context=context)
         out.append(compare(text, runs, predicted, step))
     return out
+
+
+def write_validation(results: list[WorkloadValidation], out) -> None:
+    """Every workload's measured and predicted data, headline and plot into `out`/workload<i>/."""
+    from dooly.validate.plots import write_plot
+
+    root = Path(out)
+    for i, v in enumerate(results):
+        folder = root / f"workload{i}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "workload.txt").write_text(v.workload + "\n")
+        v.metrics.to_csv(folder / "metrics.csv", index=False)
+        v.steps.to_csv(folder / "steps_measured_vs_predicted.csv", index=False)
+        v.step_types.to_csv(folder / "step_types.csv", index=False)
+        for k, (reqs, steps) in enumerate(v.measured):
+            reqs.to_csv(folder / f"requests_measured_run{k}.csv", index=False)
+            steps.to_csv(folder / f"steps_measured_run{k}.csv", index=False)
+        v.predicted.requests.to_csv(folder / "requests_predicted.csv", index=False)
+        v.predicted.steps.to_csv(folder / "steps_predicted.csv", index=False)
+        (folder / "headline.json").write_text(json.dumps(v.headline(), indent=1) + "\n")
+        write_plot(v, folder / "predicted_vs_measured.png")

@@ -1,7 +1,52 @@
 """HF transformers model code as a second engine: `generate()` (static batch: prefill, then decode with
-a KV cache) and `generate_batch()` (continuous batching on a paged KV cache)."""
+a KV cache) and `generate_batch()` (continuous batching on a paged KV cache).
 
-from dooly.engines.hf import paged as stateful
-from dooly.engines.hf.tracer import NAME, attention_backends, dispatch_key, request_vars, run_trace, version
+`ENGINE` is what the stages see (`dooly.engine_interface.Engine`); it needs torch and transformers
+only (not vLLM), and importing this package imports neither: each member imports when called.
+"""
 
-__all__ = ["NAME", "attention_backends", "dispatch_key", "request_vars", "run_trace", "stateful", "version"]
+from __future__ import annotations
+
+from dooly.engine_interface import Engine
+
+# dooly's name -> transformers' attn_implementation (5.19 deprecates the "paged|sdpa" alias of "sdpa")
+ATTN_IMPLEMENTATIONS = {"sdpa": "sdpa", "eager": "eager", "flex_attention": "flex_attention",
+                        "paged|sdpa": "sdpa", "paged|eager": "paged|eager"}
+
+
+class HfEngine(Engine):
+    name = "hf"
+    request_vars = ("batch_size", "seq_len", "past_len", "num_tokens", "num_reqs")
+    gemm_ops = ("aten::mm", "aten::addmm", "aten::linear", "aten::bmm")
+
+    def version(self) -> str:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"transformers=={version('transformers')}"
+        except PackageNotFoundError:
+            return "transformers==unknown"
+
+    def dispatch_key(self) -> str:
+        """HF model code calls aten ops; torch picks their kernels inside the op, unseen by the trace."""
+        return ""
+
+    def attention_backends(self) -> list[str]:
+        return list(ATTN_IMPLEMENTATIONS)
+
+    def run_trace(self, config, tp=1, dtype="bfloat16", pinned=None, **options):
+        from dooly.engines.hf.tracer import run_trace
+
+        return run_trace(config, tp=tp, dtype=dtype, **options)
+
+    @property
+    def stateful(self):
+        from dooly.engines.hf import paged
+
+        return paged
+
+    def load_replay_rules(self) -> None:
+        from dooly.engines.hf import replay  # noqa: F401  (registers its rules)
+
+
+ENGINE = HfEngine()

@@ -22,7 +22,8 @@ import math
 import torch
 
 from dooly.errors import DoolyError
-from dooly.profile.batches import ATTENTION_GRIDS, KV_UPDATE_TOKENS, Batch, batch_of
+from dooly.profile.batches import ATTENTION_GRIDS, KV_UPDATE_TOKENS, batch_of
+from dooly.records import Batch
 
 KV_WRITE_OP = "dooly::hf_paged_kv_write"
 KV_UPDATE_OP = "dooly::hf_paged_kv_update"

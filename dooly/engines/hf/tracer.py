@@ -28,24 +28,14 @@ import os
 import torch
 
 from dooly.engine_interface import RunResult
+from dooly.engines.hf import ATTN_IMPLEMENTATIONS
 from dooly.errors import DoolyError
 from dooly.trace.recorder import record_ops
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-NAME = "hf"
-request_vars = ("batch_size", "seq_len", "past_len", "num_tokens", "num_reqs")
-# dooly's name -> transformers' attn_implementation (5.19 deprecates the "paged|sdpa" alias of "sdpa")
-ATTN_IMPLEMENTATIONS = {"sdpa": "sdpa", "eager": "eager", "flex_attention": "flex_attention",
-                        "paged|sdpa": "sdpa", "paged|eager": "paged|eager"}
 PAGED_TRACE_BLOCKS = 4  # pages of the (fake) cache the traced step runs on: its size is never read
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def version() -> str:
-    import transformers
-
-    return f"transformers=={transformers.__version__}"
 
 
 def build_config(config: dict):
@@ -57,15 +47,6 @@ def build_config(config: dict):
         return AutoConfig.for_model(config["model_type"], **kw)
     except (ValueError, KeyError, TypeError) as e:
         raise DoolyError(f"transformers rejected the config: {str(e).splitlines()[0]}") from None
-
-
-def dispatch_key() -> str:
-    """HF model code calls aten ops; torch picks their kernels inside the op, unseen by the trace."""
-    return ""
-
-
-def attention_backends() -> list[str]:
-    return list(ATTN_IMPLEMENTATIONS)
 
 
 def run_trace(config: dict, tp: int = 1, dtype: str = "bfloat16", attention_backend: str | None = None,

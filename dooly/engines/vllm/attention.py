@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
+from dooly.engines.vllm import VllmEngine
 from dooly.engines.vllm.setup import engine_config, worker_context, write_model_dir
-from dooly.profile.batches import ATTENTION_GRIDS, KV_UPDATE_TOKENS, Batch, batch_of
+from dooly.profile.batches import ATTENTION_GRIDS, KV_UPDATE_TOKENS, batch_of
+from dooly.records import Batch
 from dooly.errors import DoolyError
 
 LAYER = "model.layers.0.self_attn.attn"
@@ -161,8 +163,7 @@ class AttentionRig:
 
 # -- profiling: grids of batch compositions and timed calls ------------------------------------------
 
-ATTENTION_OP = "vllm::unified_attention_with_output"
-KV_UPDATE_OP = "vllm::unified_kv_cache_update"
+ATTENTION_OP, KV_UPDATE_OP = VllmEngine.attention_op, VllmEngine.kv_write_op
 STATEFUL_OPS = (ATTENTION_OP, KV_UPDATE_OP)
 
 def stateful_points(op: str, grid: str, max_num_batched_tokens: int, max_num_seqs: int,

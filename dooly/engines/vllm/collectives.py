@@ -381,7 +381,7 @@ def _issued_ops(fn) -> list[str]:
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from dooly.trace.recorder import op_name
-    from dooly.trace.records import is_metadata_op
+    from dooly.records import is_metadata_op
 
     seen: list[str] = []
 

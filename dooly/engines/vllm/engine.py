@@ -249,7 +249,7 @@ def scheduled_steps(llm):
     """Inside the block, every `schedule()` of the engine's own scheduler appends what it scheduled
     to the yielded list: (req_ids, Batch, preempted ids), or None for an empty step. Ids are the
     caller's: the engine's internal ids carry a suffix `-<8 hex chars>` (its input processor adds it)."""
-    from dooly.profile.batches import Batch
+    from dooly.records import Batch
 
     sched = llm.llm_engine.engine_core.engine_core.scheduler
     schedule = sched.schedule
@@ -316,7 +316,7 @@ def serve(llm, requests, vocab: int):
     """
     import time
 
-    from dooly.sim.core import RequestResult, StepResult
+    from dooly.records import RequestResult, StepResult
 
     eng = llm.llm_engine
     if eng.has_unfinished_requests():
@@ -348,3 +348,13 @@ def serve(llm, requests, vocab: int):
                 ids, batch, preempted = seen[-1]
                 steps.append(StepResult(start, end, ids, batch, preempted))
     return [results[r.request_id] for r in requests], steps
+
+
+def engine_settings(llm) -> dict:
+    """The options a running engine actually uses (vLLM may lower what it was given) and its KV blocks."""
+    cfg = llm.llm_engine.vllm_config
+    sc = cfg.scheduler_config
+    return {"max_num_batched_tokens": sc.max_num_batched_tokens, "max_num_seqs": sc.max_num_seqs,
+            "enable_prefix_caching": bool(cfg.cache_config.enable_prefix_caching),
+            "enable_chunked_prefill": bool(sc.enable_chunked_prefill),
+            "num_gpu_blocks": cfg.cache_config.num_gpu_blocks}

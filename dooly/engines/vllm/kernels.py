@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from dooly.engines.vllm import VllmEngine
 from dooly.registry import registrar
 
 TILE_N = 16  # the SGL kernels' N tile: convert_weight_packed packs N >= 16 in VNNI, N < 16 as fp32
@@ -140,9 +141,7 @@ def gemm_dispatch(model: torch.nn.Module, record: dict, pinned: dict | None = No
 
 # --- what this machine dispatches to ------------------------------------------------------------
 
-GEMM_OPS = ("_C::onednn_mm", "_C::weight_packed_linear", "zentorch::zentorch_linear_unary", "aten::linear",
-            "aten::mm", "aten::addmm", "_C::cpu_fused_moe", "_C::fused_experts_cpu", "_C::int8_scaled_mm_with_quant",
-            "_C::onednn_scaled_mm")
+GEMM_OPS = VllmEngine.gemm_ops
 # vLLM's CPU kernels take the ISA they run as a string argument ('amx', 'vec', ...)
 ISAS = ("amx", "vec", "vec16", "neon", "vsx", "vxe", "rvv")
 

@@ -12,8 +12,8 @@ import tempfile
 from pathlib import Path
 
 from dooly.engines.vllm.setup import engine_config, write_model_dir
-from dooly.profile.batches import Batch
-from dooly.sim.core import ScheduledStep
+from dooly.records import DEFAULT_OPTIONS, Batch
+from dooly.records import ScheduledStep
 
 
 class VllmScheduler:
@@ -31,12 +31,9 @@ class VllmScheduler:
         spec = FullAttentionSpec(block_size=block, num_kv_heads=config.get("num_key_value_heads") or heads,
                                  head_size=config.get("head_dim") or config["hidden_size"] // heads,
                                  dtype=cfg.model_config.dtype)
-        if num_blocks is None:  # what the CPU engine gets from VLLM_CPU_KVCACHE_SPACE (default 4 GiB here)
-            import os
-
-            gib = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 4)
+        if num_blocks is None:  # what the engine gets from the default KV space (dooly's EngineOptions)
             per_block = spec.page_size_bytes * config["num_hidden_layers"]
-            num_blocks = int(gib * (1 << 30) // per_block)
+            num_blocks = int(DEFAULT_OPTIONS.kv_cache_gib * (1 << 30) // per_block)
         self.num_blocks = num_blocks
         cfg.cache_config.num_gpu_blocks = num_blocks
         kvc = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[],
@@ -88,7 +85,7 @@ class VllmScheduler:
 
 def resolve_scheduler_settings(config: dict, dtype: str, engine_kwargs: dict) -> dict:
     """The scheduling settings vLLM's engine config resolves for these options, as plain data
-    (`dooly.sim.scheduler.scheduler_settings` caches them)."""
+    (`dooly.deployment.scheduler_settings` caches them)."""
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
     with tempfile.TemporaryDirectory(prefix="dooly-sched-") as tmp:

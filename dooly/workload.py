@@ -1,4 +1,5 @@
-"""Workloads: synthetic (seeded) and from files, as RequestSpec lists.
+"""Workloads (what simulate, validate, search and calibration serve): synthetic (seeded) and from files,
+as RequestSpec lists.
 
 Synthetic: `n` requests; prompt and output lengths fixed ("128"), uniform ("uniform:50:1000") or
 normal ("normal:512:128", clipped to >= 1); arrivals "burst" (all at t=0), "poisson:RATE" (requests/s)
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from dooly.errors import DoolyError
-from dooly.sim.core import RequestSpec
+from dooly.records import RequestSpec
 
 CSV_COLUMNS = {  # field -> accepted column names, first match wins
     "arrival": ("arrival_s", "arrived_at", "TIMESTAMP", "timestamp", "arrival_time"),

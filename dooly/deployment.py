@@ -1,0 +1,131 @@
+"""One deployment, resolved once: a model served by an engine at a dtype, a tensor-parallel size and
+engine options, with what the engine actually makes of them.
+
+`dooly.records.EngineOptions` carries the engine options dooly models and their defaults (the CLI's,
+the API's, the profiler's limits and the Vidur export's all come from there). `Deployment.resolve` turns
+(model, dtype, tensor_parallel_size, options) into the effective scheduler settings (vLLM may lower
+an option; its values are the ones that count), the KV-cache blocks of each rank, the threads of
+each rank and the `Environment` whose measurements predict it. simulate, validate, search,
+capacity, export and calibrate consume a `Deployment` instead of resolving these again.
+
+Resolving needs no engine import once the settings are cached (`scheduler_settings`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from dooly.catalog import ModelSpec, resolve
+from dooly.db.records import Environment
+from dooly.engine_interface import get_engine
+from dooly.errors import DoolyError
+from dooly.records import DEFAULT_OPTIONS, EngineOptions
+from dooly.profile.environment import current_environment, default_threads
+
+SETTINGS_FORMAT = 2
+
+
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """A model served by an engine, resolved once (`Deployment.resolve`)."""
+
+    spec: ModelSpec  # the model
+    engine: str  # "vllm"
+    dtype: str
+    tensor_parallel_size: int
+    options: EngineOptions  # as asked
+    settings: dict  # the scheduler settings the engine uses for them (`scheduler_settings`)
+    num_blocks: int  # KV-cache blocks of each rank (each holds 1/tensor_parallel_size of the KV heads)
+    threads: int  # compute threads of each rank
+    env: Environment  # where measurements that predict this deployment were taken
+
+    @classmethod
+    def resolve(cls, model: str | ModelSpec, *, dtype: str = "bfloat16", tensor_parallel_size: int = 1,
+                options: EngineOptions = DEFAULT_OPTIONS, threads: int | None = None,
+                num_blocks: int | None = None, engine: str = "vllm") -> "Deployment":
+        """`num_blocks`: the KV blocks a running engine reports, instead of those its KV space gives."""
+        tp = tensor_parallel_size
+        if not isinstance(tp, int) or tp < 1:
+            raise DoolyError(f"tensor_parallel_size must be a positive integer, got {tp!r}")
+        if threads is not None and threads < 1:
+            raise DoolyError(f"threads must be >= 1, got {threads}")
+        if num_blocks is not None and num_blocks < 1:
+            raise DoolyError(f"num_gpu_blocks must be >= 1, got {num_blocks}")
+        spec = model if isinstance(model, ModelSpec) else resolve(model)
+        settings = scheduler_settings(spec.config, dtype, engine, **options.engine_kwargs(tp))
+        threads = threads or default_threads(tp)
+        env = current_environment(engine, get_engine(engine).version(), dtype, threads, tp)
+        return cls(spec, engine, dtype, tp, options, settings,
+                   num_blocks or kv_blocks(settings, options.kv_cache_gib, tp), threads, env)
+
+    @property
+    def model(self) -> str:
+        return self.spec.name
+
+    @property
+    def max_num_seqs(self) -> int:
+        """Requests per step, as the engine uses it (vLLM may lower the option)."""
+        return self.settings["max_num_seqs"]
+
+    @property
+    def max_num_batched_tokens(self) -> int:
+        return self.settings["max_num_batched_tokens"]
+
+    @property
+    def max_model_len(self) -> int:
+        return self.settings["max_model_len"]
+
+    @property
+    def block_size(self) -> int:
+        return self.settings["block_size"]
+
+    def engine_kwargs(self) -> dict:
+        """Options for starting the real engine (tensor-parallel size and KV space passed apart)."""
+        kw = self.options.engine_kwargs()
+        kw.pop("tp", None)
+        return kw
+
+
+def kv_blocks(settings: dict, kv_cache_gib: float, tensor_parallel_size: int = 1) -> int:
+    """KV-cache blocks the engine gets from `kv_cache_gib` GiB per worker: at tensor-parallel size K,
+    each of the K workers holds 1/K of the KV heads of every block in its own space."""
+    return int(kv_cache_gib * (1 << 30) * tensor_parallel_size // settings["kv_bytes_per_block"])
+
+
+def settings_code(engine: str = "vllm") -> list[str]:
+    """What resolved settings depend on besides their inputs: the engine's version and the code that
+    resolves them (part of every cache key over settings)."""
+    eng = get_engine(engine)
+    return [eng.version(), *(f.read_text() for f in (Path(__file__), *eng.settings_sources()))]
+
+
+def scheduler_settings(config: dict, dtype: str = "bfloat16", engine: str = "vllm", **engine_kwargs) -> dict:
+    """The scheduling settings the engine's config resolves for these options, cached as JSON under
+    `$DOOLY_CACHE/schedulers`: building vLLM's config imports vLLM (seconds).
+
+    The key hashes the model config, dtype, options, the engine's version and the code that resolves them.
+    """
+    from dooly.trace.cache import cache_dir
+
+    text = json.dumps([SETTINGS_FORMAT, config, dtype, engine_kwargs, settings_code(engine)],
+                      sort_keys=True, default=str)
+    path = cache_dir().parent / "schedulers" / f"{hashlib.sha1(text.encode()).hexdigest()}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # missing or unreadable: resolve and (re)write
+        pass
+    settings = get_engine(engine).resolve_scheduler_settings(config, dtype, engine_kwargs)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(settings))
+        tmp.replace(path)
+    except OSError:
+        pass
+    return settings

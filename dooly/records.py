@@ -1,0 +1,162 @@
+"""Records that cross stages: the engine options of a deployment, a step's batch, a scheduled step,
+requests and their results, and what kind of operation a traced op is. Plain dataclasses with no
+behaviour beyond checks and derived values; every stage may import this module, and it imports none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from dooly.errors import DoolyError
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Engine options as vLLM's EngineArgs spell them, with the defaults every entry point uses."""
+
+    max_num_seqs: int = 256  # requests per step
+    max_num_batched_tokens: int = 4096  # tokens per step
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    attention_backend: str | None = None  # None: the engine's choice
+    kv_cache_gib: float = 4.0  # KV-cache space of each worker (vLLM CPU's VLLM_CPU_KVCACHE_SPACE default)
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise DoolyError(f"{name} must be a positive integer, got {value!r}")
+        if not self.kv_cache_gib > 0:
+            raise DoolyError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib!r}")
+
+    def engine_kwargs(self, tensor_parallel_size: int = 1) -> dict:
+        """The scheduler-relevant options as the engine's config builder takes them."""
+        kw = {"max_num_seqs": self.max_num_seqs, "max_num_batched_tokens": self.max_num_batched_tokens,
+              "enable_chunked_prefill": self.enable_chunked_prefill,
+              "enable_prefix_caching": self.enable_prefix_caching}
+        if tensor_parallel_size > 1:
+            kw["tp"] = tensor_parallel_size
+        if self.attention_backend is not None:
+            kw["attention_backend"] = self.attention_backend
+        return kw
+
+    def replace(self, **changes) -> "EngineOptions":
+        """A copy with some options changed (None values are ignored: "not given")."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise DoolyError(f"unknown engine option {unknown[0]!r}; options: {', '.join(sorted(names))}")
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+DEFAULT_OPTIONS = EngineOptions()
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A step's attention work: per request, tokens already in the KV cache and new tokens."""
+
+    context_lens: tuple  # tokens of each request already cached
+    query_lens: tuple  # tokens of each request computed in this step
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.query_lens)
+
+    @property
+    def seq_lens(self) -> list[int]:
+        return [c + q for c, q in zip(self.context_lens, self.query_lens)]
+
+
+@dataclass
+class ScheduledStep:
+    """What one engine step runs."""
+
+    batch: Batch  # per scheduled request: tokens already computed, tokens computed now
+    req_ids: list  # in batch order
+    finished: list  # requests that finished with this step
+    preempted: list  # requests preempted while scheduling this step
+    first_tokens: list  # requests that produced their first output token in this step
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """One request of a workload."""
+
+    request_id: str
+    arrival_s: float
+    prompt_tokens: int
+    output_tokens: int
+
+
+@dataclass
+class RequestResult:
+    """One served (or simulated) request."""
+
+    request_id: str
+    arrival_s: float
+    prompt_tokens: int
+    output_tokens: int
+    token_times: list = field(default_factory=list)  # time of each output token
+
+    @property
+    def ttft_s(self) -> float:
+        return self.token_times[0] - self.arrival_s
+
+    @property
+    def e2e_s(self) -> float:
+        return self.token_times[-1] - self.arrival_s
+
+    @property
+    def tpot_s(self) -> float | None:
+        n = len(self.token_times)
+        return (self.token_times[-1] - self.token_times[0]) / (n - 1) if n > 1 else None
+
+
+@dataclass
+class StepResult:
+    """One served (or simulated) engine step."""
+
+    start_s: float
+    end_s: float
+    req_ids: list
+    batch: Batch
+    preempted: list
+
+
+# What kind of work a traced op is, which decides how it is profiled and predicted:
+#   stateless   replayed on its own from its signature
+#   free        metadata only (a view, a reshape): no time
+#   stateful    reads or writes the engine's state (attention, KV-cache writes): measured through the
+#               engine's own set-up
+#   collective  runs between the ranks of a tensor-parallel group: measured between real ranks
+STATELESS, FREE, STATEFUL, COLLECTIVE = "stateless", "free", "stateful", "collective"
+
+# Ops that only reinterpret or allocate (no data movement worth timing); shown with --all.
+METADATA_OPS = frozenset({
+    "aten::view", "aten::_unsafe_view", "aten::reshape", "aten::detach", "aten::alias", "aten::empty.memory_format",
+    "aten::empty_like", "aten::slice.Tensor", "aten::unsqueeze", "aten::squeeze.dim", "aten::flatten.using_ints",
+    "aten::split_with_sizes", "aten::split.Tensor", "aten::t", "aten::transpose.int", "aten::expand",
+    "aten::permute", "aten::movedim.int", "aten::select.int", "aten::as_strided", "prim::device",
+    "aten::lift_fresh", "aten::_to_copy",
+})
+# torch.distributed's own ops are collectives whatever the engine; an engine names its own
+# (`Engine.collective_prefixes`).
+TORCH_COLLECTIVE_PREFIXES = ("c10d::",)
+
+
+def is_metadata_op(op: str) -> bool:
+    return op in METADATA_OPS
+
+
+def classify(op: str, attrs: tuple, collective_prefixes: tuple[str, ...] = ()) -> str:
+    """The kind of a traced op (above). Stateful ops carry their attention `backend` in their attrs;
+    `collective_prefixes` are the engine's collective op names."""
+    if is_metadata_op(op):
+        return FREE
+    if any(k == "backend" for k, _ in attrs):
+        return STATEFUL
+    if op.startswith(TORCH_COLLECTIVE_PREFIXES + tuple(collective_prefixes)):
+        return COLLECTIVE
+    return STATELESS
