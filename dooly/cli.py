@@ -25,11 +25,17 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(2)
 
 
-def _trace(model: str, engine: str, tp: int, dtype: str, attention_backend: str | None = None):
+def _trace(model: str, engine: str, tensor_parallel_size: int, dtype: str, attention_backend: str | None = None):
     from dooly.catalog import resolve
     from dooly.trace import trace_model
 
-    return trace_model(resolve(model), engine=engine, tp=tp, dtype=dtype, attention_backend=attention_backend)
+    return trace_model(
+        resolve(model),
+        engine=engine,
+        tensor_parallel_size=tensor_parallel_size,
+        dtype=dtype,
+        attention_backend=attention_backend,
+    )
 
 
 _BACKEND_HELP = ("attention backend (vllm: CPU_ATTN here, FLASH_ATTN | FLASHINFER | TRITON_ATTN on GPUs; "
@@ -56,7 +62,9 @@ def catalog() -> None:
 def trace(
     model: str = typer.Argument(..., help="HF id from the catalog, or a path to config.json / its folder"),
     engine: str = typer.Option("vllm", help="engine whose model code is traced: vllm | hf"),
-    tp: int = typer.Option(1, "--tensor-parallel-size", "--tp", help="tensor-parallel degree (rank 0's ops are shown)"),
+    tensor_parallel_size: int = typer.Option(
+        1, "--tensor-parallel-size", "--tp", help="tensor-parallel degree (rank 0's ops are shown)"
+    ),
     dtype: str = typer.Option("bfloat16", help="bfloat16 | float16 | float32"),
     fmt: str = typer.Option("table", "--format", help="table | json"),
     all_ops: bool = typer.Option(False, "--all", help="table: also show views and other metadata-only ops"),
@@ -66,7 +74,7 @@ def trace(
     if fmt not in ("table", "json"):
         _fail(DoolyError(f"unknown format {fmt!r}; formats: table, json"))
     try:
-        t = _trace(model, engine, tp, dtype, attention_backend)
+        t = _trace(model, engine, tensor_parallel_size, dtype, attention_backend)
     except DoolyError as e:
         _fail(e)
     if fmt == "json":
@@ -75,7 +83,7 @@ def trace(
     from dooly.records import is_metadata_op
 
     table = Table("op", "module", "phase", "count", "inputs (dims by origin)", "signature",
-                  title=f"{t.model} on {t.engine_version}, tp={t.tp}, {t.dtype}")
+                  title=f"{t.model} on {t.engine_version}, tp={t.tensor_parallel_size}, {t.dtype}")
     hidden = 0
     for g in t.groups():
         if not all_ops and is_metadata_op(g.op):
@@ -107,7 +115,9 @@ def _print_not_profilable(t) -> bool:
 @app.command()
 def env(
     model: Optional[str] = typer.Argument(None, help="also show where this model's GEMMs go here"),
-    tp: int = typer.Option(1, "--tensor-parallel-size", "--tp", help="tensor-parallel degree of the environment key"),
+    tensor_parallel_size: int = typer.Option(
+        1, "--tensor-parallel-size", "--tp", help="tensor-parallel degree of the environment key"
+    ),
     dtype: str = typer.Option("bfloat16", help="bfloat16 | float16 | float32"),
 ) -> None:
     """This machine's environment key (the one its measurements are stored under) and, given a model,
@@ -118,10 +128,12 @@ def env(
 
     eng = get_engine("vllm")
     try:
-        if tp < 1:
-            raise DoolyError(f"--tp must be a positive integer, got {tp}")
-        e = current_environment("vllm", eng.version(), dtype, default_threads(tp), tp)
-        t = _trace(model, "vllm", tp, dtype) if model else None
+        if tensor_parallel_size < 1:
+            raise DoolyError(f"--tp must be a positive integer, got {tensor_parallel_size}")
+        e = current_environment(
+            "vllm", eng.version(), dtype, default_threads(tensor_parallel_size), tensor_parallel_size
+        )
+        t = _trace(model, "vllm", tensor_parallel_size, dtype) if model else None
     except DoolyError as ex:
         _fail(ex)
     dispatch = eng.dispatch_key()
@@ -154,7 +166,7 @@ def plan(
     models: Optional[list[str]] = typer.Argument(None, help="models in the order they would be profiled"),
     suite: Optional[str] = typer.Option(None, help="a named set from the catalog (see `dooly catalog`)"),
     engine: str = typer.Option("vllm"),
-    tp: int = typer.Option(1, "--tensor-parallel-size", "--tp", help="tensor-parallel degree"),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "--tp", help="tensor-parallel degree"),
     dtype: str = typer.Option("bfloat16"),
     attention_backend: Optional[str] = typer.Option(None, help=_BACKEND_HELP),
 ) -> None:
@@ -166,7 +178,7 @@ def plan(
         names = list(models or []) + (suite_models(suite) if suite else [])
         if not names:
             raise DoolyError("give models or --suite NAME")
-        traces = [_trace(m, engine, tp, dtype, attention_backend) for m in names]
+        traces = [_trace(m, engine, tensor_parallel_size, dtype, attention_backend) for m in names]
     except DoolyError as e:
         _fail(e)
     rows, unique = make_plan(traces)
@@ -201,7 +213,7 @@ def profile(
     engine: str = typer.Option("vllm"),
     db: Optional[str] = typer.Option(None, "--db", help=_DB_HELP),
     dtype: str = typer.Option("bfloat16"),
-    tp: int = typer.Option(1, "--tensor-parallel-size", "--tp", help="tensor-parallel degree"),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "--tp", help="tensor-parallel degree"),
     max_num_batched_tokens: int = typer.Option(DEFAULT_OPTIONS.max_num_batched_tokens,
                                                help="engine limit: tokens per step"),
     max_num_seqs: int = typer.Option(DEFAULT_OPTIONS.max_num_seqs, help="engine limit: requests per step"),
@@ -223,9 +235,16 @@ def profile(
     try:
         _check_limits(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, threads=threads)
         names = list(models or []) + (suite_models(suite) if suite else [])
-        options = dict(engine=engine, db=db, dtype=dtype, tensor_parallel_size=tp, grid=grid, threads=threads,
-                       limits=Limits(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs),
-                       attention_backend=attention_backend)
+        options = dict(
+            engine=engine,
+            db=db,
+            dtype=dtype,
+            tensor_parallel_size=tensor_parallel_size,
+            grid=grid,
+            threads=threads,
+            limits=Limits(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs),
+            attention_backend=attention_backend,
+        )
         if dry_run:
             plan_, _ = plan_models(names, create_db=False, **options)
     except DoolyError as e:
@@ -332,8 +351,11 @@ def db_ls(db: Optional[str] = typer.Option(None, "--db", help=_DB_HELP),
 @app.command()
 def simulate(
     model: str = typer.Argument(..., help="HF id from the catalog, or a path to config.json / its folder"),
-    workload: str = typer.Option(..., help="a CSV / bench-serve / ShareGPT file, or "
-                                            "n=N,prompt=SPEC,output=SPEC,arrivals=burst|poisson:R|gamma:R:CV,seed=S"),
+    workload: str = typer.Option(
+        ...,
+        help="a CSV / bench-serve / ShareGPT file, or "
+        "n=N,prompt=SPEC,output=SPEC,arrivals=burst|poisson:R|gamma:R:CV,seed=S",
+    ),
     db: Optional[str] = typer.Option(None, "--db", help=_DB_HELP),
     dtype: str = typer.Option("bfloat16"),
     max_num_batched_tokens: int = typer.Option(DEFAULT_OPTIONS.max_num_batched_tokens, help=_TOKENS_HELP),
@@ -342,7 +364,9 @@ def simulate(
     enable_chunked_prefill: bool = typer.Option(True, "--enable-chunked-prefill/--no-enable-chunked-prefill"),
     kv_cache_gib: float = typer.Option(DEFAULT_OPTIONS.kv_cache_gib, help=_KV_HELP),
     num_gpu_blocks: Optional[int] = typer.Option(None, help="KV-cache blocks (default: what --kv-cache-gib gives)"),
-    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "--tp", help="TP degree (needs the model profiled with --tensor-parallel-size K)"),
+    tensor_parallel_size: int = typer.Option(
+        1, "--tensor-parallel-size", "--tp", help="TP degree (needs the model profiled with --tensor-parallel-size K)"
+    ),
     out: Optional[str] = typer.Option(None, help="folder for requests.csv, steps.csv, summary.json (and plots)"),
     plot: bool = typer.Option(False, "--plot", help="with --out: latency CDFs and per-step plots (PNG)"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
@@ -380,10 +404,13 @@ def simulate(
 @app.command()
 def calibrate(
     db: Optional[str] = typer.Option(None, "--db", help=_DB_HELP),
-    models: str = typer.Option(",".join(("dooly/tiny-llama", "dooly/tiny-llama-deep")),
-                               help="comma-separated small models of different depths"),
+    models: str = typer.Option(
+        ",".join(("dooly/tiny-llama", "dooly/tiny-llama-deep")), help="comma-separated small models of different depths"
+    ),
     dtype: str = typer.Option("bfloat16"),
-    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "--tp", help="calibrate the engine running K TP workers"),
+    tensor_parallel_size: int = typer.Option(
+        1, "--tensor-parallel-size", "--tp", help="calibrate the engine running K TP workers"
+    ),
 ) -> None:
     """Measure the real engine's per-step overhead here (outside the traced ops) and store it."""
     from dooly.api import calibrate as run
@@ -410,9 +437,13 @@ def validate(
     max_num_seqs: int = typer.Option(DEFAULT_OPTIONS.max_num_seqs, help=_SEQS_HELP),
     enable_prefix_caching: bool = typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching"),
     enable_chunked_prefill: bool = typer.Option(True, "--enable-chunked-prefill/--no-enable-chunked-prefill"),
-    kv_cache_gib: float = typer.Option(1.0, help="the real engine's KV-cache space per worker, GiB (the simulator "
-                                                 "gets the blocks the engine reports)"),
-    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "--tp", help="TP degree: the engine runs one worker per core"),
+    kv_cache_gib: float = typer.Option(
+        1.0,
+        help="the real engine's KV-cache space per worker, GiB (the simulator " "gets the blocks the engine reports)",
+    ),
+    tensor_parallel_size: int = typer.Option(
+        1, "--tensor-parallel-size", "--tp", help="TP degree: the engine runs one worker per core"
+    ),
     repeats: int = typer.Option(3, help="engine runs per workload (after one warm-up); their spread is shown"),
     out: Optional[str] = typer.Option(None, help="folder for the raw measured and predicted data and plots"),
     as_json: bool = typer.Option(False, "--json", help="print the headline errors as JSON"),
@@ -471,14 +502,22 @@ def quickstart(
 
     start = time.perf_counter()
     console.rule(f"1. trace one engine step of {model} (vLLM's own model code, fake weights)")
-    trace(model=model, engine="vllm", tp=1, dtype="bfloat16", fmt="table", all_ops=False, attention_backend=None)
+    trace(
+        model=model,
+        engine="vllm",
+        tensor_parallel_size=1,
+        dtype="bfloat16",
+        fmt="table",
+        all_ops=False,
+        attention_backend=None,
+    )
     console.rule(f"2. profile what the latency database lacks for {model}")
-    profile(models=[model], suite=None, engine="vllm", db=db, dtype="bfloat16", tp=1,
+    profile(models=[model], suite=None, engine="vllm", db=db, dtype="bfloat16", tensor_parallel_size=1,
             max_num_batched_tokens=DEFAULT_OPTIONS.max_num_batched_tokens, max_num_seqs=DEFAULT_OPTIONS.max_num_seqs,
             grid="reduced", threads=None, dry_run=False, attention_backend=None,
             ray_address=None)
     console.rule(f"3. profile {sibling}: same family, other depth -> its operations are already measured")
-    profile(models=[sibling], suite=None, engine="vllm", db=db, dtype="bfloat16", tp=1,
+    profile(models=[sibling], suite=None, engine="vllm", db=db, dtype="bfloat16", tensor_parallel_size=1,
             max_num_batched_tokens=DEFAULT_OPTIONS.max_num_batched_tokens, max_num_seqs=DEFAULT_OPTIONS.max_num_seqs,
             grid="reduced", threads=None, dry_run=False, attention_backend=None,
             ray_address=None)
@@ -511,14 +550,20 @@ def export_vidur(
     engine: str = typer.Option("vllm", help="engine whose ops fill the files (vllm)"),
     db: Optional[str] = typer.Option(None, "--db", help=_DB_HELP),
     dtype: str = typer.Option("bfloat16"),
-    max_num_batched_tokens: int = typer.Option(DEFAULT_OPTIONS.max_num_batched_tokens,
-                                               help="engine limit: tokens per step (grid and Vidur chunk)"),
-    max_num_seqs: int = typer.Option(DEFAULT_OPTIONS.max_num_seqs,
-                                     help="engine limit: requests per step (grid and Vidur batch cap)"),
+    max_num_batched_tokens: int = typer.Option(
+        DEFAULT_OPTIONS.max_num_batched_tokens, help="engine limit: tokens per step (grid and Vidur chunk)"
+    ),
+    max_num_seqs: int = typer.Option(
+        DEFAULT_OPTIONS.max_num_seqs, help="engine limit: requests per step (grid and Vidur batch cap)"
+    ),
     kv_cache_gib: float = typer.Option(DEFAULT_OPTIONS.kv_cache_gib, help=_KV_HELP),
     device: str = typer.Option("cpu", help="Vidur device / node SKU name the files are filed under"),
-    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "--tp", help="describe one of K workers, plus all_reduce.csv "
-                                                     "(from a `dooly profile --tp K` database)"),
+    tensor_parallel_size: int = typer.Option(
+        1,
+        "--tensor-parallel-size",
+        "--tp",
+        help="describe one of K workers, plus all_reduce.csv " "(from a `dooly profile --tp K` database)",
+    ),
 ) -> None:
     """Vidur's profile files (mlp.csv, attention.csv; all_reduce.csv at TP > 1) for MODEL, from the latency database."""
     from dooly.export import export_vidur as run

@@ -50,19 +50,18 @@ class Deployment:
                 options: EngineOptions = DEFAULT_OPTIONS, threads: int | None = None,
                 num_blocks: int | None = None, engine: str = "vllm") -> "Deployment":
         """`num_blocks`: the KV blocks a running engine reports, instead of those its KV space gives."""
-        tp = tensor_parallel_size
-        if not isinstance(tp, int) or tp < 1:
-            raise DoolyError(f"tensor_parallel_size must be a positive integer, got {tp!r}")
+        if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
+            raise DoolyError(f"tensor_parallel_size must be a positive integer, got {tensor_parallel_size!r}")
         if threads is not None and threads < 1:
             raise DoolyError(f"threads must be >= 1, got {threads}")
         if num_blocks is not None and num_blocks < 1:
             raise DoolyError(f"num_gpu_blocks must be >= 1, got {num_blocks}")
         spec = model if isinstance(model, ModelSpec) else resolve(model)
-        settings = scheduler_settings(spec.config, dtype, engine, **options.engine_kwargs(tp))
-        threads = threads or default_threads(tp)
-        env = current_environment(engine, get_engine(engine).version(), dtype, threads, tp)
-        return cls(spec, engine, dtype, tp, options, settings,
-                   num_blocks or kv_blocks(settings, options.kv_cache_gib, tp), threads, env)
+        settings = scheduler_settings(spec.config, dtype, engine, **options.engine_kwargs(tensor_parallel_size))
+        threads = threads or default_threads(tensor_parallel_size)
+        env = current_environment(engine, get_engine(engine).version(), dtype, threads, tensor_parallel_size)
+        return cls(spec, engine, dtype, tensor_parallel_size, options, settings,
+                   num_blocks or kv_blocks(settings, options.kv_cache_gib, tensor_parallel_size), threads, env)
 
     @property
     def model(self) -> str:
@@ -88,7 +87,7 @@ class Deployment:
     def engine_kwargs(self) -> dict:
         """Options for starting the real engine (tensor-parallel size and KV space passed apart)."""
         kw = self.options.engine_kwargs()
-        kw.pop("tp", None)
+        kw.pop("tensor_parallel_size", None)
         return kw
 
 

@@ -77,6 +77,16 @@ class Engine:
     attention_op: str | None = None  # its stateful attention op (reads the KV cache), if it has one
     kv_write_op: str | None = None  # its stateful KV-cache write op, if it has one
 
+    log_defaults: dict = {}  # environment variables its libraries read at import (log levels); a user's win
+
+    def prepare(self) -> None:
+        """What its members do before importing the engine's libraries: quieter logs unless the user
+        chose a level (never done at dooly's import)."""
+        import os
+
+        for key, value in self.log_defaults.items():
+            os.environ.setdefault(key, value)
+
     def version(self) -> str:
         raise NotImplementedError
 
@@ -86,8 +96,14 @@ class Engine:
     def attention_backends(self) -> list[str]:
         raise NotImplementedError
 
-    def run_trace(self, config: dict, tp: int = 1, dtype: str = "bfloat16", pinned: dict | None = None,
-                  **options) -> RunResult:
+    def run_trace(
+        self,
+        config: dict,
+        tensor_parallel_size: int = 1,
+        dtype: str = "bfloat16",
+        pinned: dict | None = None,
+        **options,
+    ) -> RunResult:
         raise NotImplementedError
 
     @property

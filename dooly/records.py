@@ -36,7 +36,7 @@ class EngineOptions:
               "enable_chunked_prefill": self.enable_chunked_prefill,
               "enable_prefix_caching": self.enable_prefix_caching}
         if tensor_parallel_size > 1:
-            kw["tp"] = tensor_parallel_size
+            kw["tensor_parallel_size"] = tensor_parallel_size
         if self.attention_backend is not None:
             kw["attention_backend"] = self.attention_backend
         return kw

@@ -49,7 +49,10 @@ def tp_traces():
     from dooly.catalog import resolve
     from dooly.trace import trace_model
 
-    return [trace_model(resolve(m), engine="vllm", tp=TP) for m in ("dooly/tiny-llama", "dooly/tiny-llama-deep")]
+    return [
+        trace_model(resolve(m), engine="vllm", tensor_parallel_size=TP)
+        for m in ("dooly/tiny-llama", "dooly/tiny-llama-deep")
+    ]
 
 
 @pytest.fixture(scope="module")

@@ -66,7 +66,9 @@ def test_llama_layer_labels(tiny_llama_trace):
 def test_same_gemm_in_every_layer_is_one_signature(tiny_llama_trace):
     from dooly.engines.vllm.kernels import GEMM_OPS
 
-    [qkv] = [g for g in tiny_llama_trace.groups() if g.op in GEMM_OPS and g.module == "model.layers.*.self_attn.qkv_proj"]
+    [qkv] = [
+        g for g in tiny_llama_trace.groups() if g.op in GEMM_OPS and g.module == "model.layers.*.self_attn.qkv_proj"
+    ]
     assert qkv.count == 4  # 4 layers
     # the signature holds config dims as numbers and request dims as symbols:
     # (8 + 2*4) * 64 = 1024, hidden 512
@@ -104,7 +106,7 @@ def test_moe_expert_gemm_labels():
 
 
 def test_tp2_labels_and_collectives(tiny_llama):
-    t = trace_model(tiny_llama, tp=2)
+    t = trace_model(tiny_llama, tensor_parallel_size=2)
     assert t.unresolved == 0
     assert _dims(_gemm(t, "qkv_proj"))[0] == ["num_tokens", f"{QKV}/tp"]
     assert _dims(_gemm(t, "down_proj"))[1] == ["num_tokens", "intermediate_size/tp"]

@@ -28,7 +28,7 @@ def tp2_engine(tiny_llama):
 def tp2_trace(tiny_llama):
     from dooly.trace import trace_model
 
-    return trace_model(tiny_llama, engine="vllm", tp=2)
+    return trace_model(tiny_llama, engine="vllm", tensor_parallel_size=2)
 
 
 def _plain(view):
@@ -134,12 +134,18 @@ def test_vidur_export_at_tp2_describes_one_worker_and_its_all_reduces(profiled_t
     assert (res.mlp["num_tensor_parallel_workers"] == 2).all() and (res.mlp["n_head"] == 8).all()
     assert (att["num_tensor_parallel_workers"] == 2).all() and (att["n_kv_head"] == 4).all()
     # Vidur keeps rows with num_workers == devices_per_node == TP and reads size / n_embd / 2 as tokens
-    assert (ar["num_workers"] == 2).all() and (ar["devices_per_node"] == 2).all() and (ar["collective"] == "all_reduce").all()
+    assert (
+        (ar["num_workers"] == 2).all()
+        and (ar["devices_per_node"] == 2).all()
+        and (ar["collective"] == "all_reduce").all()
+    )
     assert (ar["size"] / 512 / 2).tolist() == num_tokens_points(128)
     v = res.manifest["vidur"]
     net_repo = res.folder / "profiling_data" / "network" / f"datasets--{v['network_dataset'].replace('/', '--')}"
     net = net_repo / "snapshots" / (net_repo / "refs" / "main").read_text()
-    assert pd.read_csv(net / "all_reduce.csv.xz").equals(pd.read_csv(res.folder / "data/profiling/network/cpu/all_reduce.csv"))
+    assert pd.read_csv(net / "all_reduce.csv.xz").equals(
+        pd.read_csv(res.folder / "data/profiling/network/cpu/all_reduce.csv")
+    )
     args = dict(zip(v["args"][::2], v["args"][1::2]))
     assert args["--replica_config_tensor_parallel_size"] == "2"
     assert args["--random_forrest_execution_time_predictor_config_nccl_cpu_launch_overhead_ms"] == "0"
@@ -153,9 +159,12 @@ def test_vidur_export_at_tp2_describes_one_worker_and_its_all_reduces(profiled_t
     first_chunk = att[(att["prefill_chunk_size"] == 128) & (att["kv_cache_size"] == 0)].iloc[0]
     ops = ("attn_pre_proj", "attn_post_proj", "mlp_up_proj", "mlp_down_proj", "mlp_act", "input_layernorm",
            "post_attention_layernorm", "attn_rope", "add")
-    per_layer = sum(mlp.loc[128, f"time_stats.{c}.median"] for c in ops) + first_chunk["time_stats.attn_prefill.median"] \
-        + first_chunk["time_stats.attn_kv_cache_save.median"] + 2 * ar.set_index("size").loc[2 * 128 * 512,
-                                                                                          "time_stats.all_reduce.median"]
+    per_layer = (
+        sum(mlp.loc[128, f"time_stats.{c}.median"] for c in ops)
+        + first_chunk["time_stats.attn_prefill.median"]
+        + first_chunk["time_stats.attn_kv_cache_save.median"]
+        + 2 * ar.set_index("size").loc[2 * 128 * 512, "time_stats.all_reduce.median"]
+    )
     outside = sum(pred.latency(o.signature, {"num_tokens": 128, "num_reqs": 1}).us for o in tp2_trace.ops
                   if o.module.startswith(("model.norm", "logits_processor")) and classify(o.op, o.attrs) != FREE) / 1e3
     step = predict_step(tp2_trace, pred, Batch((0,), (128,)), overhead=False).us / 1e3

@@ -32,9 +32,9 @@ class Environment:
         """Hash of every field. Keys are stable across dooly versions: the group is hashed as it was
         first stored, inside the binding ("omp-1-threads,tp=2,comm=cpu-shm")."""
         fields = asdict(self)
-        tp, comm = fields.pop("tensor_parallel_size"), fields.pop("communicator")
-        if tp > 1:
-            fields["binding"] += f",tp={tp},comm={comm}"
+        tensor_parallel_size, comm = fields.pop("tensor_parallel_size"), fields.pop("communicator")
+        if tensor_parallel_size > 1:
+            fields["binding"] += f",tp={tensor_parallel_size},comm={comm}"
         return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_json(self) -> str:

@@ -68,7 +68,12 @@ MLP_KEYS = ("n_head", "n_kv_head", "n_embd", "n_expanded_embd", "vocab_size", "u
             "num_tensor_parallel_workers")
 ATTENTION_KEYS = ("n_embd", "n_q_head", "n_kv_head", "block_size", "num_tensor_parallel_workers", "max_model_len",
                   "batch_size", "prefill_chunk_size", "kv_cache_size", "is_prefill", "attention_backend")
-PROFILER_STATS = ("min", "max", "mean", "std")  # Vidur's profiler also writes these per op; its predictor does not read them
+PROFILER_STATS = (
+    "min",
+    "max",
+    "mean",
+    "std",
+)  # Vidur's profiler also writes these per op; its predictor does not read them
 
 # vLLM decoder-layer submodule -> Vidur op
 LAYER_MODULES = {
@@ -232,20 +237,29 @@ class Tables:
         for n in num_tokens_points(max_tokens):
             row = {k: keys[k] for k in MLP_KEYS if k in keys} | {"num_tokens": n}
             for name in (*MLP_OPS, "emb"):
-                row[f"time_stats.{name}.median"], row[f"dooly.{name}.extrapolated"] = self.total(name, self._stateless(n))
+                row[f"time_stats.{name}.median"], row[f"dooly.{name}.extrapolated"] = self.total(
+                    name, self._stateless(n)
+                )
             rows.append(row)
         return pd.DataFrame(rows)
 
-    def all_reduce(self, tp: int, hidden: int, max_tokens: int) -> pd.DataFrame:
+    def all_reduce(self, tensor_parallel_size: int, hidden: int, max_tokens: int) -> pd.DataFrame:
         """One all-reduce of [num_tokens, hidden] among `tp` workers per row: the mean over the model's
         per-layer all-reduces (Vidur adds one after attention and one after the MLP in every layer)."""
         calls_per_layer = sum(p.count for p in self.parts.get("all_reduce", [])) / self.layers
         rows = []
         for n in num_tokens_points(max_tokens):
             ms, extrapolated = self.total("all_reduce", self._stateless(n))  # per layer
-            rows.append({"num_workers": tp, "devices_per_node": tp, "collective": "all_reduce", "size": 2 * n * hidden,
-                         "time_stats.all_reduce.median": ms / calls_per_layer,
-                         "dooly.all_reduce.extrapolated": extrapolated})
+            rows.append(
+                {
+                    "num_workers": tensor_parallel_size,
+                    "devices_per_node": tensor_parallel_size,
+                    "collective": "all_reduce",
+                    "size": 2 * n * hidden,
+                    "time_stats.all_reduce.median": ms / calls_per_layer,
+                    "dooly.all_reduce.extrapolated": extrapolated,
+                }
+            )
         return pd.DataFrame(rows)
 
     def attention(self, keys: dict, max_len: int, max_tokens: int, max_seqs: int) -> pd.DataFrame:
@@ -262,7 +276,9 @@ class Tables:
             row["time_stats.attn_kv_cache_save.median"], row["dooly.attn_kv_cache_save.extrapolated"] = self.total(
                 "attn_kv_cache_save", self._stateless(b.num_tokens))
             rows.append(row)
-        columns = [f"{x}.{o}.{y}" for o in ATTENTION_OPS for x, y in (("time_stats", "median"), ("dooly", "extrapolated"))]
+        columns = [
+            f"{x}.{o}.{y}" for o in ATTENTION_OPS for x, y in (("time_stats", "median"), ("dooly", "extrapolated"))
+        ]
         return pd.DataFrame(rows)[[*ATTENTION_KEYS, *columns]]
 
 
@@ -300,15 +316,17 @@ def export_vidur(model: str, out, *, db: str | None = None, dtype: str = "bfloat
         raise DoolyError(f"bad device name {device!r}: lowercase letters, digits and _ (a Vidur SKU name)")
     d = Deployment.resolve(model, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
                            options=options.replace(**engine_options), threads=threads)
-    spec, tp = d.spec, d.tensor_parallel_size
+    spec, tensor_parallel_size = d.spec, d.tensor_parallel_size
     max_num_batched_tokens, max_num_seqs = d.max_num_batched_tokens, d.max_num_seqs  # what the engine uses
     url = db or default_url()
-    hint = f"dooly profile {spec.name}{f' --tp {tp}' if tp > 1 else ''} --db {url}"
+    hint = f"dooly profile {spec.name}{f' --tp {tensor_parallel_size}' if tensor_parallel_size > 1 else ''} --db {url}"
     block, max_len, num_blocks = d.block_size, d.max_model_len, d.num_blocks
     vmodel = vidur_model_config(spec.name, spec.config, max_len)
-    trace = trace_model(spec, dtype=d.dtype, tp=tp, cache=True)
+    trace = trace_model(spec, dtype=d.dtype, tensor_parallel_size=tensor_parallel_size, cache=True)
     parts, unplaced = split_trace(trace)
-    missing = [name for name in (*REQUIRED, *(("all_reduce",) if tp > 1 else ())) if name not in parts]
+    missing = [
+        name for name in (*REQUIRED, *(("all_reduce",) if tensor_parallel_size > 1 else ())) if name not in parts
+    ]
     if missing:
         raise DoolyError(f"{spec.name}: no traced op maps to Vidur's {', '.join(missing)} (modules: "
                          f"{sorted({p.module for ps in parts.values() for p in ps})})")
@@ -325,20 +343,32 @@ def export_vidur(model: str, out, *, db: str | None = None, dtype: str = "bfloat
                                  f"{p.vidur_op} depends on num_tokens only")
     except DoolyError as e:
         raise e if hint in str(e) else DoolyError(f"{e}; fill it with: {hint}") from None
-    keys = {"n_head": vmodel["num_q_heads"], "n_q_head": vmodel["num_q_heads"], "n_kv_head": vmodel["num_kv_heads"],
-            "n_embd": vmodel["embedding_dim"], "n_expanded_embd": vmodel["mlp_hidden_dim"],
-            "vocab_size": vmodel["vocab_size"], "use_gated_mlp": True, "num_tensor_parallel_workers": tp,
-            "block_size": block, "max_model_len": max_len,
-            "attention_backend": dict(next(o.attrs for o in trace.ops if vidur_op(o) == "attention")).get("backend", "")}
+    keys = {
+        "n_head": vmodel["num_q_heads"],
+        "n_q_head": vmodel["num_q_heads"],
+        "n_kv_head": vmodel["num_kv_heads"],
+        "n_embd": vmodel["embedding_dim"],
+        "n_expanded_embd": vmodel["mlp_hidden_dim"],
+        "vocab_size": vmodel["vocab_size"],
+        "use_gated_mlp": True,
+        "num_tensor_parallel_workers": tensor_parallel_size,
+        "block_size": block,
+        "max_model_len": max_len,
+        "attention_backend": dict(next(o.attrs for o in trace.ops if vidur_op(o) == "attention")).get("backend", ""),
+    }
     tables = Tables(parts, predictor, spec.name, vmodel["num_layers"])
     mlp = tables.mlp(keys, max_num_batched_tokens)
     attention = tables.attention(keys, max_len, max_num_batched_tokens, max_num_seqs)
-    all_reduce = tables.all_reduce(tp, vmodel["embedding_dim"], max_num_batched_tokens) if tp > 1 else None
+    all_reduce = (
+        tables.all_reduce(tensor_parallel_size, vmodel["embedding_dim"], max_num_batched_tokens)
+        if tensor_parallel_size > 1
+        else None
+    )
 
-    compute_id = f"dooly/{_slug(f'{spec.name}-{device}' + (f'-tp{tp}' if tp > 1 else ''))}"
+    compute_id = f"dooly/{_slug(f'{spec.name}-{device}' + (f'-tp{tensor_parallel_size}' if tensor_parallel_size > 1 else ''))}"
     network_id = f"{compute_id}-net"
     args = vidur_args(spec.name, device, out, compute_id, network_id, block, num_blocks, max_len,
-                      max_num_batched_tokens, max_num_seqs, tp)
+                      max_num_batched_tokens, max_num_seqs, tensor_parallel_size)
     command = ("HF_HUB_OFFLINE=1 WANDB_MODE=disabled python " + str(out / "vidur_launch.py") + " " + " ".join(args)
                + " WORKLOAD_FLAGS")
     ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
@@ -347,35 +377,59 @@ def export_vidur(model: str, out, *, db: str | None = None, dtype: str = "bfloat
                          "device": device, "device_config": {"fp16_tflops": None, "total_memory_gb": round(ram_gib, 2)},
                          "device_note": "total_memory_gb: this machine's RAM (the CPU engine's device memory); the KV "
                                         "capacity is --cache_config_num_blocks, what dooly simulate gives the engine",
-                         "network_device": device, "num_devices_per_node": tp,
+                         "network_device": device, "num_devices_per_node": tensor_parallel_size,
                          "compute_dataset": compute_id, "network_dataset": network_id, "args": args}
     _write(out, spec.name, device, mlp, attention, all_reduce, manifest, compute_id, network_id)
     return VidurExport(out, mlp, attention, manifest, command, all_reduce)
 
 
 def vidur_args(model, device, out, compute_id, network_id, block, num_blocks, max_len, max_tokens, max_seqs,
-               tp: int = 1) -> list:
+               tensor_parallel_size: int = 1) -> list:
     """Vidur flags that read the export and mirror `dooly simulate`'s vLLM set-up."""
     pre = "--random_forrest_execution_time_predictor_config_"  # Vidur's default predictor
     # at TP > 1 the measured all-reduce already holds its launch: no NCCL launch / skew terms on top
     network = [f"{pre}nccl_cpu_launch_overhead_ms", "0", f"{pre}nccl_cpu_skew_overhead_per_device_ms", "0"] \
-        if tp > 1 else []
-    return ["--replica_config_model_name", model, "--replica_config_device", device,
-            "--replica_config_network_device", device, "--replica_config_tensor_parallel_size", str(tp),
-            "--replica_config_num_pipeline_stages", "1",
-            # the engine's KV cache: its block size and the blocks dooly simulate gives it
-            "--cache_config_block_size", str(block), "--cache_config_num_blocks", str(num_blocks),
-            # vLLM V1 schedules decodes first, then prefill chunks within a token budget: Vidur's sarathi
-            "--replica_scheduler_config_type", "sarathi", "--sarathi_scheduler_config_chunk_size", str(max_tokens),
-            "--sarathi_scheduler_config_batch_size_cap", str(max_seqs),
-            "--execution_time_predictor_config_type", "random_forrest",
-            f"{pre}model_profiling_dataset", compute_id, f"{pre}network_profiling_dataset", network_id,
-            f"{pre}cache_dir", str(out),
-            # the grid Vidur precomputes (lookups outside it raise KeyError): what the engine can schedule
-            f"{pre}prediction_max_tokens_per_request",
-            str(math.ceil(max(max_len, max_tokens) / KV_GRANULARITY) * KV_GRANULARITY),
-            f"{pre}prediction_max_batch_size", str(max_seqs), f"{pre}prediction_max_prefill_chunk_size", str(max_tokens),
-            *network]
+        if tensor_parallel_size > 1 else []
+    return [
+        "--replica_config_model_name",
+        model,
+        "--replica_config_device",
+        device,
+        "--replica_config_network_device",
+        device,
+        "--replica_config_tensor_parallel_size",
+        str(tensor_parallel_size),
+        "--replica_config_num_pipeline_stages",
+        "1",
+        # the engine's KV cache: its block size and the blocks dooly simulate gives it
+        "--cache_config_block_size",
+        str(block),
+        "--cache_config_num_blocks",
+        str(num_blocks),
+        # vLLM V1 schedules decodes first, then prefill chunks within a token budget: Vidur's sarathi
+        "--replica_scheduler_config_type",
+        "sarathi",
+        "--sarathi_scheduler_config_chunk_size",
+        str(max_tokens),
+        "--sarathi_scheduler_config_batch_size_cap",
+        str(max_seqs),
+        "--execution_time_predictor_config_type",
+        "random_forrest",
+        f"{pre}model_profiling_dataset",
+        compute_id,
+        f"{pre}network_profiling_dataset",
+        network_id,
+        f"{pre}cache_dir",
+        str(out),
+        # the grid Vidur precomputes (lookups outside it raise KeyError): what the engine can schedule
+        f"{pre}prediction_max_tokens_per_request",
+        str(math.ceil(max(max_len, max_tokens) / KV_GRANULARITY) * KV_GRANULARITY),
+        f"{pre}prediction_max_batch_size",
+        str(max_seqs),
+        f"{pre}prediction_max_prefill_chunk_size",
+        str(max_tokens),
+        *network,
+    ]
 
 
 def _manifest(model, trace, env, url, parts, unplaced, mlp, attention, all_reduce, predictor, command) -> dict:
@@ -396,8 +450,14 @@ def _manifest(model, trace, env, url, parts, unplaced, mlp, attention, all_reduc
          "none dropped: every grid point is predicted (see the extrapolated counts)"}]
     not_represented = [{**u, "reason": "Vidur's step time has no term for ops outside the decoder layers"}
                        for u in unplaced]
-    not_represented.append({"module": "model.embed_tokens", "op": "embedding", "count": 1, "reason":
-                            "written as time_stats.emb.median (as Vidur's profiler does); Vidur's predictor ignores it"})
+    not_represented.append(
+        {
+            "module": "model.embed_tokens",
+            "op": "embedding",
+            "count": 1,
+            "reason": "written as time_stats.emb.median (as Vidur's profiler does); Vidur's predictor ignores it",
+        }
+    )
     not_represented.append({"module": "model.layers.*.self_attn.attn", "op": "attn_kv_cache_save", "count":
                             sum(p.count for p in parts["attn_kv_cache_save"]), "reason":
                             "filled, but Vidur 0.0.26 leaves it out of a step's time (ExecutionTime.total_time)"})
@@ -413,7 +473,7 @@ def _manifest(model, trace, env, url, parts, unplaced, mlp, attention, all_reduc
         files["all_reduce.csv"] = {"rows": len(all_reduce), "extrapolated_rows": flagged(all_reduce, ("all_reduce",))}
     return {
         "model": model, "engine": "vllm", "engine_version": trace.engine_version, "dtype": trace.dtype,
-        "tensor_parallel_size": trace.tp,
+        "tensor_parallel_size": trace.tensor_parallel_size,
         "database": url, "environment": json.loads(env.to_json()), "environment_key": env.key,
         "files": files,
         "op_map": {name: [{"module": p.module, "op": p.op, "signature": p.signature, "count": p.count}

@@ -63,8 +63,10 @@ def calibrate(db: str | None = None, models=CALIBRATION_MODELS, dtype: str = "bf
                                       options=CALIBRATION_OPTIONS, threads=threads) for m in models]
     env = deployments[0].env
     database = LatencyDB(db)
-    traces = [trace_model(d.spec, engine=d.engine, dtype=d.dtype, tp=d.tensor_parallel_size, cache=True)
-              for d in deployments]
+    traces = [
+        trace_model(d.spec, engine=d.engine, dtype=d.dtype, tensor_parallel_size=d.tensor_parallel_size, cache=True)
+        for d in deployments
+    ]
     run_profile(plan_profile(traces, env, database.points(env.key), "reduced", Limits()), database)
     workload = parse_workload(f"{CALIBRATION_WORKLOAD},seed={seed}")
     warmup = parse_workload(f"{WARMUP_WORKLOAD},seed={seed + 1}")

@@ -42,7 +42,7 @@ class StepPredictor:
         eng = get_engine(trace.engine)
         self._by_counts: list = []  # (count, kind, signature, op) of ops that depend on the counts only
         self._attention: list = []  # (count, signature, op) of attention ops (depend on the batch)
-        if trace.tp > 1:
+        if trace.tensor_parallel_size > 1:
             self._check_group_size()
         for g in trace.groups():
             kind = eng.classify(g.op, g.attrs)
@@ -65,20 +65,21 @@ class StepPredictor:
         self._memo: dict[tuple[int, int], tuple] = {}
 
     def _profile_command(self) -> str:
-        return f"dooly profile {self.trace.model} --tp {self.trace.tp} --db {self.predictor.db.url}"
+        return f"dooly profile {self.trace.model} --tp {self.trace.tensor_parallel_size} --db {self.predictor.db.url}"
 
     def _check_group_size(self) -> None:
         """A rank's ops and its collectives were measured for one tensor-parallel degree: the trace's."""
-        t, env_tp = self.trace, self.predictor.env.tensor_parallel_size
-        if env_tp != t.tp:
-            raise DoolyError(f"{t.model} is traced at tensor_parallel_size={t.tp} but the predictor's environment "
-                             f"is for {env_tp}; predict with current_environment(..., {t.tp}) after: "
-                             f"{self._profile_command()}")
+        t, size = self.trace, self.trace.tensor_parallel_size
+        if self.predictor.env.tensor_parallel_size != size:
+            raise DoolyError(f"{t.model} is traced at tensor_parallel_size={size} but the predictor's environment "
+                             f"is for {self.predictor.env.tensor_parallel_size}; predict with "
+                             f"current_environment(..., {size}) after: {self._profile_command()}")
 
     def _require_collective(self, signature: str, op: str) -> None:
         if self.predictor.model(signature) is None:
             raise DoolyError(f"no measurements for the collective {op} ({signature[:8]}) of {self.trace.model} at "
-                             f"tp={self.trace.tp} in this environment; fill them with: {self._profile_command()}")
+                             f"tensor_parallel_size={self.trace.tensor_parallel_size} in this environment; "
+                             f"fill them with: {self._profile_command()}")
 
     def _counts_part(self, num_tokens: int, num_reqs: int, batch: Batch) -> tuple:
         key = (num_tokens, num_reqs)

@@ -31,12 +31,12 @@ def _cpu_info() -> tuple[str, str]:
     return name, ",".join(f for f in _ISA_FLAGS if f in flags)
 
 
-def default_threads(tp: int = 1) -> int:
+def default_threads(tensor_parallel_size: int = 1) -> int:
     """Threads vLLM's CPU worker computes with here: alone, it binds one core less than the machine
     has (one is left to the engine's front end), at least one; as one of `tp` tensor-parallel ranks,
     an equal share of the cores (the split VLLM_CPU_OMP_THREADS_BIND="0|1" makes on 2 cores)."""
     cores = os.cpu_count() or 2
-    return max(1, cores - 1) if tp == 1 else max(1, cores // tp)
+    return max(1, cores - 1) if tensor_parallel_size == 1 else max(1, cores // tensor_parallel_size)
 
 
 def current_environment(engine: str, engine_version: str, dtype: str, threads: int,
@@ -46,8 +46,17 @@ def current_environment(engine: str, engine_version: str, dtype: str, threads: i
     from importlib.metadata import version  # torch's version without importing torch
 
     name, isa = _cpu_info()
-    tp = tensor_parallel_size
-    return Environment(device="cpu", device_name=name, isa=isa, engine=engine, engine_version=engine_version,
-                       torch_version=version("torch"), dtype=dtype, threads=threads,
-                       binding=f"omp-{threads}-threads", timing=TIMING_METHOD, tensor_parallel_size=tp,
-                       communicator=COMMUNICATORS["cpu"] if tp > 1 else "")
+    return Environment(
+        device="cpu",
+        device_name=name,
+        isa=isa,
+        engine=engine,
+        engine_version=engine_version,
+        torch_version=version("torch"),
+        dtype=dtype,
+        threads=threads,
+        binding=f"omp-{threads}-threads",
+        timing=TIMING_METHOD,
+        tensor_parallel_size=tensor_parallel_size,
+        communicator=COMMUNICATORS["cpu"] if tensor_parallel_size > 1 else "",
+    )

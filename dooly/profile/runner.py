@@ -130,10 +130,11 @@ def plan_profile(traces: list[Trace], env: Environment, stored: dict, grid: str 
                 if kind != FREE:
                     deferred[g.signature] = (g.op, kind)
                 continue
-            if kind == COLLECTIVE and env.tensor_parallel_size != t.tp:
+            if kind == COLLECTIVE and env.tensor_parallel_size != t.tensor_parallel_size:
                 # a collective's signature holds its shapes, not its group: the environment must
-                raise DoolyError(f"{t.model} is traced at tensor_parallel_size={t.tp} but the environment is for "
-                                 f"{env.tensor_parallel_size}: build it with current_environment(..., {t.tp})")
+                size = t.tensor_parallel_size
+                raise DoolyError(f"{t.model} is traced at tensor_parallel_size={size} but the environment is for "
+                                 f"{env.tensor_parallel_size}: build it with current_environment(..., {size})")
             if g.signature not in work:
                 if kind in (STATELESS, COLLECTIVE):
                     variables = request_vars_of(g.signature_text, REQUEST_VARS)
@@ -144,7 +145,7 @@ def plan_profile(traces: list[Trace], env: Environment, stored: dict, grid: str 
                     pts = stateful.stateful_points(g.op, grid, limits.max_num_batched_tokens, limits.max_num_seqs,
                                                    max_len, stateful.kv_token_budget(attrs, t.dtype))
                     variables = tuple(sorted({k for p in pts for k in p}))
-                attrs = {"world_size": t.tp} if kind == COLLECTIVE else dict(g.attrs)
+                attrs = {"world_size": t.tensor_parallel_size} if kind == COLLECTIVE else dict(g.attrs)
                 work[g.signature] = SignatureWork(g.signature, g.op, g.signature_text, variables,
                                                   [point_key(p) for p in pts], [], kind,
                                                   attrs, t.config if kind == STATEFUL else {})

@@ -31,12 +31,22 @@ def plan_models(models: list[str], *, engine: str = "vllm", db: str | None = Non
         raise DoolyError(f"unknown grid {grid!r}; grids: {', '.join(GRIDS)}")
     if not models:
         raise DoolyError("give models or --suite NAME")
-    tp = tensor_parallel_size
     specs = [resolve(m) for m in models]
     eng = get_engine(engine)
     database = LatencyDB(db) if create_db else _existing(db)
-    env = current_environment(engine, eng.version(), dtype, threads or default_threads(tp), tp)
-    traces = [trace_model(s, engine=engine, tp=tp, dtype=dtype, attention_backend=attention_backend) for s in specs]
+    env = current_environment(
+        engine, eng.version(), dtype, threads or default_threads(tensor_parallel_size), tensor_parallel_size
+    )
+    traces = [
+        trace_model(
+            s,
+            engine=engine,
+            tensor_parallel_size=tensor_parallel_size,
+            dtype=dtype,
+            attention_backend=attention_backend,
+        )
+        for s in specs
+    ]
     stored = database.points(env.key) if database else {}
     return plan_profile(traces, env, stored, grid, limits), database
 

@@ -82,8 +82,14 @@ def _prepare_traces(configs: list[Configuration]) -> None:
     from dooly.catalog import resolve
     from dooly.trace import trace_model
 
-    for model, dtype, tp, backend in dict.fromkeys(c.trace_key for c in configs):
-        trace_model(resolve(model), dtype=dtype, tp=tp, attention_backend=backend, cache=True)
+    for model, dtype, tensor_parallel_size, backend in dict.fromkeys(c.trace_key for c in configs):
+        trace_model(
+            resolve(model),
+            dtype=dtype,
+            tensor_parallel_size=tensor_parallel_size,
+            attention_backend=backend,
+            cache=True,
+        )
 
 
 def search(models, workload, slo, grid=None, *, db: str | None = None, requests: int | None = None,
@@ -162,11 +168,23 @@ def plan_capacity(result: SearchResult, rate: float) -> pd.DataFrame | None:
         return None
     goodput = float(best["goodput_rps"])
     replicas = math.ceil(rate / goodput)
-    tp = int(best["tensor_parallel_size"])
+    tensor_parallel_size = int(best["tensor_parallel_size"])
     options = {k: best[k] for k in list(Configuration.__dataclass_fields__)[1:]}
-    return pd.DataFrame([{"model": best["model"], "config": best["config"], "rate_rps": rate, "goodput_rps": goodput,
-                          "goodput_is_lower_bound": bool(best["status"] == "capped"), **options,
-                          "replicas": replicas, "devices": replicas * tp, "margin": replicas * goodput / rate - 1}])
+    return pd.DataFrame(
+        [
+            {
+                "model": best["model"],
+                "config": best["config"],
+                "rate_rps": rate,
+                "goodput_rps": goodput,
+                "goodput_is_lower_bound": bool(best["status"] == "capped"),
+                **options,
+                "replicas": replicas,
+                "devices": replicas * tensor_parallel_size,
+                "margin": replicas * goodput / rate - 1,
+            }
+        ]
+    )
 
 
 def capacity(model: str, rate: float, workload, slo, grid=None, **kwargs) -> tuple[pd.DataFrame, SearchResult]:

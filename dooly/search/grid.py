@@ -169,10 +169,10 @@ def _check_tp(spec, degrees) -> None:
     c = spec.config
     heads = {"num_attention_heads": c["num_attention_heads"],
              "num_key_value_heads": c.get("num_key_value_heads") or c["num_attention_heads"]}
-    for tp in degrees:
+    for tensor_parallel_size in degrees:
         for key, value in heads.items():
-            if value % tp:
-                raise DoolyError(f"bad grid value tensor_parallel_size={tp}: it does not divide "
+            if value % tensor_parallel_size:
+                raise DoolyError(f"bad grid value tensor_parallel_size={tensor_parallel_size}: it does not divide "
                                  f"{key}={value} of {spec.name}")
 
 

@@ -118,7 +118,7 @@ class Workbench:
         from dooly.trace import trace_model
 
         d = self.deployment(c)
-        trace = trace_model(d.spec, dtype=d.dtype, tp=d.tensor_parallel_size,
+        trace = trace_model(d.spec, dtype=d.dtype, tensor_parallel_size=d.tensor_parallel_size,
                             attention_backend=d.options.attention_backend, cache=True)
         return StepPredictor(trace, Predictor(self.db, d.env))
 
@@ -293,9 +293,17 @@ def evaluate_configuration(bench: Workbench, config: Configuration) -> tuple[dic
     else:
         status, goodput, reason = ("capped" if lo == top else "ok"), float(rates[lo]), ""
         stats = {f"{n}_s": v for n, v in probes[lo].stats.items()}
-    row.update({"status": status, "goodput_rps": goodput, "goodput_per_device_rps": goodput / config.tensor_parallel_size,
-                **stats, "simulations": len(probes), "steps": sum(p.steps for p in probes.values()),
-                "reason": reason})
+    row.update(
+        {
+            "status": status,
+            "goodput_rps": goodput,
+            "goodput_per_device_rps": goodput / config.tensor_parallel_size,
+            **stats,
+            "simulations": len(probes),
+            "steps": sum(p.steps for p in probes.values()),
+            "reason": reason,
+        }
+    )
     rate_rows = [{"config": config.key, "rate_rps": p.rate, "met": p.met, "stopped_early": p.stopped_early,
                   "steps": p.steps, **{f"{n}_s": v for n, v in p.stats.items()}}
                  for _, p in sorted(probes.items())]

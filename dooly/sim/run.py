@@ -33,7 +33,7 @@ def model_context(deployment: Deployment, db: str | None):
     from dooly.trace import trace_model
 
     d = deployment
-    trace = trace_model(d.spec, engine=d.engine, dtype=d.dtype, tp=d.tensor_parallel_size,
+    trace = trace_model(d.spec, engine=d.engine, dtype=d.dtype, tensor_parallel_size=d.tensor_parallel_size,
                         attention_backend=d.options.attention_backend, cache=True)
     refuse_unprofilable(trace, "predict")
     return trace, Predictor(LatencyDB(db, create=False), d.env)

@@ -37,13 +37,26 @@ def _code_digest(engine: str) -> str:
     return h.hexdigest()
 
 
-def cache_key(config: dict, engine: str, engine_version: str, tp: int, dtype: str, backend, hints,
+def cache_key(config: dict, engine: str, engine_version: str, tensor_parallel_size: int, dtype: str, backend, hints,
               dispatch_key: str = "") -> str:
     """`dispatch_key`: the hardware predicates the engine's kernel choices read (the same cache may
     be read on another CPU: an AMX machine's trace is not this one's)."""
-    text = json.dumps([FORMAT, config, engine, engine_version, tp, dtype, backend, hints, dispatch_key,
-                       _code_digest(engine)],
-                      sort_keys=True, default=str)
+    text = json.dumps(
+        [
+            FORMAT,
+            config,
+            engine,
+            engine_version,
+            tensor_parallel_size,
+            dtype,
+            backend,
+            hints,
+            dispatch_key,
+            _code_digest(engine),
+        ],
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha1(text.encode()).hexdigest()
 
 
@@ -59,20 +72,53 @@ def _arg_from_json(d: dict) -> ArgSpec:
 
 
 def dump(trace: Trace) -> dict:
-    return {"format": FORMAT, "model": trace.model, "engine": trace.engine, "engine_version": trace.engine_version,
-            "tp": trace.tp, "dtype": trace.dtype, "config_params": trace.config_params, "config": trace.config,
-            "request_vars": list(trace.request_vars), "unresolved": trace.unresolved, "guards": trace.guards,
-            "notes": trace.notes, "seconds": trace.seconds, "dispatch_key": trace.dispatch_key,
-            "ops": [{"op": o.op, "module": o.module, "phase": o.phase, "args": [_arg_to_json(a) for a in o.args],
-                     "attrs": [list(kv) for kv in o.attrs], "signature": o.signature,
-                     "signature_text": o.signature_text, "unresolved": o.unresolved} for o in trace.ops]}
+    return {
+        "format": FORMAT,
+        "model": trace.model,
+        "engine": trace.engine,
+        "engine_version": trace.engine_version,
+        "tp": trace.tensor_parallel_size,
+        "dtype": trace.dtype,
+        "config_params": trace.config_params,
+        "config": trace.config,
+        "request_vars": list(trace.request_vars),
+        "unresolved": trace.unresolved,
+        "guards": trace.guards,
+        "notes": trace.notes,
+        "seconds": trace.seconds,
+        "dispatch_key": trace.dispatch_key,
+        "ops": [
+            {
+                "op": o.op,
+                "module": o.module,
+                "phase": o.phase,
+                "args": [_arg_to_json(a) for a in o.args],
+                "attrs": [list(kv) for kv in o.attrs],
+                "signature": o.signature,
+                "signature_text": o.signature_text,
+                "unresolved": o.unresolved,
+            }
+            for o in trace.ops
+        ],
+    }
 
 
 def load(d: dict) -> Trace:
-    ops = [TracedOp(o["op"], o["module"], o["phase"], tuple(_arg_from_json(a) for a in o["args"]),
-                    tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in o["attrs"]), o["signature"], o["signature_text"], o["unresolved"])
-           for o in d["ops"]]
-    return Trace(model=d["model"], engine=d["engine"], engine_version=d["engine_version"], tp=d["tp"],
+    ops = [
+        TracedOp(
+            o["op"],
+            o["module"],
+            o["phase"],
+            tuple(_arg_from_json(a) for a in o["args"]),
+            tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in o["attrs"]),
+            o["signature"],
+            o["signature_text"],
+            o["unresolved"],
+        )
+        for o in d["ops"]
+    ]
+    return Trace(model=d["model"], engine=d["engine"], engine_version=d["engine_version"],
+                 tensor_parallel_size=d["tp"],
                  dtype=d["dtype"], config_params=d["config_params"], config=d["config"],
                  request_vars=tuple(d["request_vars"]), ops=ops, unresolved=d["unresolved"], guards=d["guards"],
                  notes=d["notes"] + ["read from the trace cache"], seconds=d["seconds"],

@@ -204,7 +204,7 @@ def signature_id(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def trace_model(spec: ModelSpec, engine: str = "vllm", tp: int = 1, dtype: str = "bfloat16",
+def trace_model(spec: ModelSpec, engine: str = "vllm", tensor_parallel_size: int = 1, dtype: str = "bfloat16",
                 hints: tuple[int, int] | None = None, attention_backend: str | None = None,
                 cache: bool = False) -> Trace:
     """Trace one step of `spec` on `engine` and label every dimension of every op by its origin.
@@ -213,12 +213,12 @@ def trace_model(spec: ModelSpec, engine: str = "vllm", tp: int = 1, dtype: str =
     depends on, for stages that only consume traces."""
     if dtype not in DTYPES:
         raise DoolyError(f"unknown dtype {dtype!r}; dtypes: {', '.join(DTYPES)}")
-    if not isinstance(tp, int) or tp < 1:
-        raise DoolyError(f"tensor-parallel degree must be a positive integer, got {tp!r}")
-    params = config_params(spec.config, tp)
+    if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
+        raise DoolyError(f"tensor-parallel degree must be a positive integer, got {tensor_parallel_size!r}")
+    params = config_params(spec.config, tensor_parallel_size)
     for key in ("num_attention_heads", "num_key_value_heads"):
-        if params[key] % tp:
-            raise DoolyError(f"--tp {tp} does not divide {key}={params[key]} of {spec.name}")
+        if params[key] % tensor_parallel_size:
+            raise DoolyError(f"--tp {tensor_parallel_size} does not divide {key}={params[key]} of {spec.name}")
     eng = get_engine(engine)
     kwargs: dict = {"hints": hints} if hints else {}
     if attention_backend is not None:
@@ -230,16 +230,24 @@ def trace_model(spec: ModelSpec, engine: str = "vllm", tp: int = 1, dtype: str =
     if cache:
         from dooly.trace import cache as trace_cache
 
-        key = trace_cache.cache_key(spec.config, engine, eng.version(), tp, dtype, attention_backend, hints,
-                                    eng.dispatch_key())
+        key = trace_cache.cache_key(
+            spec.config,
+            engine,
+            eng.version(),
+            tensor_parallel_size,
+            dtype,
+            attention_backend,
+            hints,
+            eng.dispatch_key(),
+        )
         hit = trace_cache.get(key)
         if hit is not None:
             return dataclasses.replace(hit, model=spec.name)
-        trace = trace_model(spec, engine, tp, dtype, hints, attention_backend)
+        trace = trace_model(spec, engine, tensor_parallel_size, dtype, hints, attention_backend)
         trace_cache.put(key, trace)
         return trace
     start = time.perf_counter()
-    real = eng.run_trace(spec.config, tp=tp, dtype=dtype, **kwargs)
+    real = eng.run_trace(spec.config, tensor_parallel_size=tensor_parallel_size, dtype=dtype, **kwargs)
     if real.specialized:
         raise DoolyError(f"the engine pinned request variables {real.specialized} to constants")
     num_layers = spec.config["num_hidden_layers"]
@@ -248,10 +256,10 @@ def trace_model(spec: ModelSpec, engine: str = "vllm", tp: int = 1, dtype: str =
              + (f" ({REDUCED_LAYERS} layers each: layers 1..{num_layers - 1} are identical)" if reduced else "")]
     runs, param_runs = [real], [params]
     for r in range(1, PERTURBED_RUNS + 1):
-        cfg_r, tp_r = perturbed_config(spec.config, tp, r, REDUCED_LAYERS if reduced else None)
+        cfg_r, tp_r = perturbed_config(spec.config, tensor_parallel_size, r, REDUCED_LAYERS if reduced else None)
         # the perturbed sizes may cross the engine's kernel-dispatch thresholds: pin the real run's kernels
         pinned = {"pinned": real.dispatch} if real.dispatch else {}
-        runs.append(eng.run_trace(cfg_r, tp=tp_r, dtype=dtype, **kwargs, **pinned))
+        runs.append(eng.run_trace(cfg_r, tensor_parallel_size=tp_r, dtype=dtype, **kwargs, **pinned))
         param_runs.append(config_params(cfg_r, tp_r))
     maps = [list(range(len(real.ops)))] + [_align(real.ops, r.ops, reduced) for r in runs[1:]]
     convs = [_rename(r) for r in runs]
@@ -271,10 +279,22 @@ def trace_model(spec: ModelSpec, engine: str = "vllm", tp: int = 1, dtype: str =
                                lab.unresolved - before))
     by_name = {str(sym): _REQ[name] for sym, name in real.symbols.items()}
     guards = sorted({str(sympy.sympify(g, locals=by_name)) for g in real.guards})
-    return Trace(model=spec.name, engine=engine, engine_version=eng.version(), tp=tp, dtype=dtype,
-                 config_params=params, config=spec.config, request_vars=eng.request_vars, ops=traced,
-                 unresolved=lab.unresolved, guards=guards, notes=notes,
-                 seconds=time.perf_counter() - start, dispatch_key=real.dispatch_key)
+    return Trace(
+        model=spec.name,
+        engine=engine,
+        engine_version=eng.version(),
+        tensor_parallel_size=tensor_parallel_size,
+        dtype=dtype,
+        config_params=params,
+        config=spec.config,
+        request_vars=eng.request_vars,
+        ops=traced,
+        unresolved=lab.unresolved,
+        guards=guards,
+        notes=notes,
+        seconds=time.perf_counter() - start,
+        dispatch_key=real.dispatch_key,
+    )
 
 
 def _convert(a: RawArg, conv) -> RawArg:

@@ -116,7 +116,7 @@ class Trace:
     model: str
     engine: str  # "vllm" | "hf"
     engine_version: str
-    tp: int
+    tensor_parallel_size: int
     dtype: str
     config_params: dict  # name -> value of every config parameter labels may use
     config: dict  # the model's config.json values (stateful profiling rebuilds layers from it)
@@ -147,7 +147,7 @@ class Trace:
             "model": self.model,
             "engine": self.engine,
             "engine_version": self.engine_version,
-            "tp": self.tp,
+            "tp": self.tensor_parallel_size,
             "dtype": self.dtype,
             "config_params": self.config_params,
             "request_vars": list(self.request_vars),

@@ -17,6 +17,7 @@ ATTN_IMPLEMENTATIONS = {"sdpa": "sdpa", "eager": "eager", "flex_attention": "fle
 class HfEngine(Engine):
     name = "hf"
     request_vars = ("batch_size", "seq_len", "past_len", "num_tokens", "num_reqs")
+    log_defaults = {"TRANSFORMERS_VERBOSITY": "error"}
     gemm_ops = ("aten::mm", "aten::addmm", "aten::linear", "aten::bmm")
 
     def version(self) -> str:
@@ -34,18 +35,21 @@ class HfEngine(Engine):
     def attention_backends(self) -> list[str]:
         return list(ATTN_IMPLEMENTATIONS)
 
-    def run_trace(self, config, tp=1, dtype="bfloat16", pinned=None, **options):
+    def run_trace(self, config, tensor_parallel_size=1, dtype="bfloat16", pinned=None, **options):
+        self.prepare()
         from dooly.engines.hf.tracer import run_trace
 
-        return run_trace(config, tp=tp, dtype=dtype, **options)
+        return run_trace(config, tensor_parallel_size=tensor_parallel_size, dtype=dtype, **options)
 
     @property
     def stateful(self):
+        self.prepare()
         from dooly.engines.hf import paged
 
         return paged
 
     def load_replay_rules(self) -> None:
+        self.prepare()
         from dooly.engines.hf import replay  # noqa: F401  (registers its rules)
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 
 import torch
 
@@ -31,8 +30,6 @@ from dooly.engine_interface import RunResult
 from dooly.engines.hf import ATTN_IMPLEMENTATIONS
 from dooly.errors import DoolyError
 from dooly.trace.recorder import record_ops
-
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 PAGED_TRACE_BLOCKS = 4  # pages of the (fake) cache the traced step runs on: its size is never read
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -49,15 +46,20 @@ def build_config(config: dict):
         raise DoolyError(f"transformers rejected the config: {str(e).splitlines()[0]}") from None
 
 
-def run_trace(config: dict, tp: int = 1, dtype: str = "bfloat16", attention_backend: str | None = None,
-              hints: tuple[int, int] = (37, 3)) -> RunResult:
+def run_trace(
+    config: dict,
+    tensor_parallel_size: int = 1,
+    dtype: str = "bfloat16",
+    attention_backend: str | None = None,
+    hints: tuple[int, int] = (37, 3),
+) -> RunResult:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
     backend = attention_backend or "sdpa"
-    if tp != 1:
+    if tensor_parallel_size != 1:
         raise DoolyError("the hf engine runs without tensor parallelism: use --tp 1 or --engine vllm")
     if backend not in ATTN_IMPLEMENTATIONS:
         raise DoolyError(f"unknown attention implementation {backend!r}; "

@@ -19,6 +19,7 @@ class VllmEngine(Engine):
     collective_prefixes = ("_C::shm_", "vllm::all_reduce", "vllm::all_gather", "vllm::reduce_scatter")
     attention_op = "vllm::unified_attention_with_output"
     kv_write_op = "vllm::unified_kv_cache_update"
+    log_defaults = {"VLLM_LOGGING_LEVEL": "ERROR", "VLLM_CONFIGURE_LOGGING": "1", "TRANSFORMERS_VERBOSITY": "error"}
     gemm_ops = ("_C::onednn_mm", "_C::weight_packed_linear", "zentorch::zentorch_linear_unary", "aten::linear",
                 "aten::mm", "aten::addmm", "_C::cpu_fused_moe", "_C::fused_experts_cpu",
                 "_C::int8_scaled_mm_with_quant", "_C::onednn_scaled_mm")
@@ -35,36 +36,43 @@ class VllmEngine(Engine):
         return "vllm==unknown"
 
     def dispatch_key(self) -> str:
+        self.prepare()
         from dooly.engines.vllm.kernels import dispatch_key
 
         return dispatch_key()
 
     def attention_backends(self) -> list[str]:
+        self.prepare()
         from dooly.engines.vllm.attention import available_backends
 
         return available_backends()
 
-    def run_trace(self, config, tp=1, dtype="bfloat16", pinned=None, **options):
+    def run_trace(self, config, tensor_parallel_size=1, dtype="bfloat16", pinned=None, **options):
+        self.prepare()
         from dooly.engines.vllm.tracer import run_trace
 
-        return run_trace(config, tp=tp, dtype=dtype, pinned=pinned, **options)
+        return run_trace(config, tensor_parallel_size=tensor_parallel_size, dtype=dtype, pinned=pinned, **options)
 
     @property
     def stateful(self):
+        self.prepare()
         from dooly.engines.vllm import attention
 
         return attention
 
     @property
     def collectives(self):
+        self.prepare()
         from dooly.engines.vllm import collectives
 
         return collectives
 
     def load_replay_rules(self) -> None:
+        self.prepare()
         from dooly.engines.vllm import replay  # noqa: F401  (registers its rules)
 
     def replay_blocker(self, op, signature_text, attrs):
+        self.prepare()
         from dooly.engines.vllm.replay import replay_blocker
 
         return replay_blocker(op, signature_text, attrs)
@@ -75,6 +83,7 @@ class VllmEngine(Engine):
         return kernel_name(op, consts)
 
     def resolve_scheduler_settings(self, config, dtype, engine_kwargs):
+        self.prepare()
         from dooly.engines.vllm.scheduler import resolve_scheduler_settings
 
         return resolve_scheduler_settings(config, dtype, engine_kwargs)
@@ -84,11 +93,13 @@ class VllmEngine(Engine):
         return [here / "setup.py", here / "scheduler.py"]
 
     def scheduler(self, config, dtype="bfloat16", num_blocks=None, **engine_kwargs):
+        self.prepare()
         from dooly.engines.vllm.scheduler import VllmScheduler
 
         return VllmScheduler(config, dtype, num_blocks=num_blocks, **engine_kwargs)
 
     def running_engine(self, config, dtype="bfloat16", kv_cache_gib=1, threads=None, **engine_kwargs):
+        self.prepare()
         from dooly.engines.vllm.engine import running_engine
 
         return running_engine(config, dtype=dtype, kv_cache_gib=kv_cache_gib, threads=threads, **engine_kwargs)

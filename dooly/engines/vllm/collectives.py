@@ -293,7 +293,9 @@ def _die_with_parent() -> None:
 
 def _rank_main(rank: int, world_size: int, init_method: str, conn) -> None:
     _die_with_parent()
-    import dooly.engines.vllm.setup  # noqa: F401  (quiet vLLM logging, as in the tracer)
+    from dooly.engines.vllm.setup import quiet_logs
+
+    quiet_logs()  # before this rank imports vLLM, as in the tracer
 
     code = 0
     try:

@@ -33,16 +33,20 @@ def start_engine(config: dict, dtype: str = "bfloat16", kv_cache_gib: int = 1, t
     from dooly.errors import DoolyError
     from dooly.profile.environment import default_threads
 
+    from dooly.engines.vllm.setup import quiet_logs
+
+    quiet_logs()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)  # the argument, whatever an earlier engine set
-    tp = int(engine_kwargs.get("tensor_parallel_size", 1))
-    threads = threads or default_threads(tp)
+    tensor_parallel_size = int(engine_kwargs.get("tensor_parallel_size", 1))
+    threads = threads or default_threads(tensor_parallel_size)
     cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < tp * threads:
-        raise DoolyError(f"{tp} worker(s) x {threads} thread(s) need {tp * threads} cores; {len(cores)} here")
-    if tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+    if len(cores) < tensor_parallel_size * threads:
+        need = tensor_parallel_size * threads
+        raise DoolyError(f"{tensor_parallel_size} worker(s) x {threads} thread(s) need {need} cores; {len(cores)} here")
+    if tensor_parallel_size > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
-            ",".join(str(c) for c in cores[k * threads:(k + 1) * threads]) for k in range(tp))
+            ",".join(str(c) for c in cores[k * threads:(k + 1) * threads]) for k in range(tensor_parallel_size))
     # the in-process worker (tp = 1) computes in this process's threads; torch's own setter, since an
     # engine started earlier in this process replaced torch.set_num_threads with a no-op
     torch._C.set_num_threads(threads)

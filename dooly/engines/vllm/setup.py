@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 from dooly.errors import DoolyError
 
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+def quiet_logs() -> None:
+    """Error-level logs from vLLM unless the user chose a level (`VllmEngine.prepare`): the engine's
+    members and this module's builders call it before importing vLLM, never at dooly's import."""
+    from dooly.engines.vllm import ENGINE
 
-_WORLD_DIR = tempfile.mkdtemp(prefix="dooly-vllm-")
+    ENGINE.prepare()
+
+
+@functools.lru_cache(maxsize=None)
+def world_dir() -> str:
+    """The folder of this process's one-process world (its file store), made on first use and
+    removed when the process exits."""
+    path = tempfile.mkdtemp(prefix="dooly-vllm-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def write_model_dir(config: dict, folder: Path) -> Path:
@@ -25,8 +38,9 @@ def write_model_dir(config: dict, folder: Path) -> Path:
     return folder
 
 
-def engine_config(model_dir: Path, dtype: str, tp: int = 1, **engine_kwargs):
+def engine_config(model_dir: Path, dtype: str, tensor_parallel_size: int = 1, **engine_kwargs):
     """The VllmConfig `LLM(model_dir, enforce_eager=True, ...)` would build on this platform."""
+    quiet_logs()
     from vllm.engine.arg_utils import EngineArgs
     from vllm.usage.usage_lib import UsageContext
 
@@ -35,7 +49,7 @@ def engine_config(model_dir: Path, dtype: str, tp: int = 1, **engine_kwargs):
 
         engine_kwargs["attention_backend"] = AttentionBackendEnum[engine_kwargs["attention_backend"]]
     args = EngineArgs(model=str(model_dir), skip_tokenizer_init=True, load_format="dummy", dtype=dtype,
-                      enforce_eager=True, tensor_parallel_size=tp, **engine_kwargs)
+                      enforce_eager=True, tensor_parallel_size=tensor_parallel_size, **engine_kwargs)
     try:
         with _quiet():
             return args.create_engine_config(UsageContext.LLM_CLASS)
@@ -70,6 +84,7 @@ def private_world():
     for configs that need them, so they are made anew for every block. The process group itself is
     initialised once per process (by whichever comes first) and shared: both are worlds of one.
     """
+    quiet_logs()
     from vllm.distributed import parallel_state as ps
 
     saved = {name: getattr(ps, name) for name in _GROUPS if hasattr(ps, name)}
@@ -77,7 +92,7 @@ def private_world():
         setattr(ps, name, None)
     try:
         ps.init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
-                                        distributed_init_method=f"file://{_WORLD_DIR}/world")
+                                        distributed_init_method=f"file://{world_dir()}/world")
         ps.ensure_model_parallel_initialized(1, 1)
         yield
     finally:

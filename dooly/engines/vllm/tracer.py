@@ -32,9 +32,9 @@ class _ShmCollectives:
 
 
 @contextlib.contextmanager
-def as_tp_rank(tp: int, rank: int = 0):
+def as_tp_rank(tensor_parallel_size: int, rank: int = 0):
     """Make this one-process world look like rank `rank` of a TP group of `tp` to the model code."""
-    if tp == 1:
+    if tensor_parallel_size == 1:
         yield
         return
     from vllm.distributed import parallel_state as ps
@@ -42,12 +42,17 @@ def as_tp_rank(tp: int, rank: int = 0):
 
     group = ps.get_tp_group()
     comm = object.__new__(CpuCommunicator)  # vLLM's own reshaping logic, our op issuing
-    comm.world_size, comm.rank_in_group, comm.ranks = tp, rank, list(range(tp))
+    comm.world_size, comm.rank_in_group, comm.ranks = tensor_parallel_size, rank, list(range(tensor_parallel_size))
     comm.rank, comm.device_group, comm.cpu_group = rank, None, None
     comm.dist_module = _ShmCollectives()
     names = ("world_size", "rank_in_group", "ranks", "device_communicator")
     saved = {k: getattr(group, k) for k in names}
-    group.world_size, group.rank_in_group, group.ranks, group.device_communicator = tp, rank, list(range(tp)), comm
+    group.world_size, group.rank_in_group, group.ranks, group.device_communicator = (
+        tensor_parallel_size,
+        rank,
+        list(range(tensor_parallel_size)),
+        comm,
+    )
     try:
         yield
     finally:
@@ -119,7 +124,7 @@ def attention_attrs(layer, cfg) -> dict:
     }
 
 
-def build_fake_model(cfg, fake_mode, tp: int = 1, rank: int = 0, pinned: dict | None = None):
+def build_fake_model(cfg, fake_mode, tensor_parallel_size: int = 1, rank: int = 0, pinned: dict | None = None):
     """vLLM's model for `cfg` on fake weights, post-processed as the worker does; returns the model
     and the GEMM kernel each linear layer was dispatched to (`pinned`: force those choices)."""
     from vllm.model_executor.model_loader.utils import initialize_model, process_weights_after_loading
@@ -127,8 +132,13 @@ def build_fake_model(cfg, fake_mode, tp: int = 1, rank: int = 0, pinned: dict | 
 
     cfg.compilation_config.static_forward_context.clear()
     dispatch: dict = {}
-    with (as_tp_rank(tp, rank), _weights_without_data(), set_default_torch_dtype(cfg.model_config.dtype),
-          fake_mode, torch.device("cpu")):
+    with (
+        as_tp_rank(tensor_parallel_size, rank),
+        _weights_without_data(),
+        set_default_torch_dtype(cfg.model_config.dtype),
+        fake_mode,
+        torch.device("cpu"),
+    ):
         model = initialize_model(vllm_config=cfg)
         with gemm_dispatch(model, dispatch, pinned):
             process_weights_after_loading(model, cfg.model_config, torch.device("cpu"))
@@ -152,7 +162,7 @@ def private_rope_cache():
         rotary_embedding._ROPE_DICT.update(saved)
 
 
-def run_trace(config: dict, tp: int = 1, dtype: str = "bfloat16", rank: int = 0,
+def run_trace(config: dict, tensor_parallel_size: int = 1, dtype: str = "bfloat16", rank: int = 0,
               hints: tuple[int, int] = (37, 3), attention_backend: str | None = None,
               pinned: dict | None = None) -> RunResult:
     """One symbolic engine step (num_tokens tokens, num_reqs requests) through vLLM's model code.
@@ -163,23 +173,23 @@ def run_trace(config: dict, tp: int = 1, dtype: str = "bfloat16", rank: int = 0,
 
     extra = {"attention_backend": attention_backend} if attention_backend else {}
     with tempfile.TemporaryDirectory(prefix="dooly-model-") as tmp:
-        cfg = engine_config(write_model_dir(config, Path(tmp)), dtype, tp, **extra)
+        cfg = engine_config(write_model_dir(config, Path(tmp)), dtype, tensor_parallel_size, **extra)
     arch = config.get("architectures", ["?"])[0]
     with worker_context(cfg), private_rope_cache(), fake_kernels():
         shape_env = ShapeEnv(specialize_zero_one=False)
         fm = FakeTensorMode(shape_env=shape_env, allow_non_fake_inputs=True)
         try:
-            model, dispatch = build_fake_model(cfg, fm, tp, rank, pinned)
+            model, dispatch = build_fake_model(cfg, fm, tensor_parallel_size, rank, pinned)
         except (AssertionError, ValueError, NotImplementedError, RuntimeError) as e:
             why = unsupported_op_message(e) or (str(e).splitlines()[0] if str(e) else type(e).__name__)
-            raise DoolyError(f"vLLM could not build {arch} at tp={tp}: {why}") from None
+            raise DoolyError(f"vLLM could not build {arch} at tp={tensor_parallel_size}: {why}") from None
         try:
-            ops, symbols = _forward(model, cfg, fm, hints, tp, rank)
+            ops, symbols = _forward(model, cfg, fm, hints, tensor_parallel_size, rank)
         except (NotImplementedError, RuntimeError) as e:
             why = unsupported_op_message(e)
             if why is None:
                 raise
-            raise DoolyError(f"vLLM's {arch} step at tp={tp}: {why}") from None
+            raise DoolyError(f"vLLM's {arch} step at tp={tensor_parallel_size}: {why}") from None
         guards = [str(g.expr) for g in shape_env.guards]
         specialized = [name for sym, name in symbols.items() if sym in shape_env.replacements]
         del model
@@ -188,7 +198,7 @@ def run_trace(config: dict, tp: int = 1, dtype: str = "bfloat16", rank: int = 0,
                      dispatch_key=dispatch_key())
 
 
-def _forward(model, cfg, fm, hints, tp, rank) -> tuple[list, dict]:
+def _forward(model, cfg, fm, hints, tensor_parallel_size, rank) -> tuple[list, dict]:
     """The recorded ops of one symbolic step, and its symbol -> request variable map."""
     from torch.fx.experimental.symbolic_shapes import DimDynamic, StatelessSymbolicContext
     from vllm.forward_context import set_forward_context
@@ -200,7 +210,7 @@ def _forward(model, cfg, fm, hints, tp, rank) -> tuple[list, dict]:
     logits_idx = fm.from_tensor(torch.zeros(n_req, dtype=torch.int64), symbolic_context=dynamic)
     symbols = {input_ids.shape[0].node.expr: "num_tokens", logits_idx.shape[0].node.expr: "num_reqs"}
     describe = attention_describer(cfg)
-    with as_tp_rank(tp, rank), torch.inference_mode(), fm:
+    with as_tp_rank(tensor_parallel_size, rank), torch.inference_mode(), fm:
         positions = torch.arange(input_ids.shape[0])
         with set_forward_context(None, cfg, num_tokens=n_tok):
             with record_ops(model, describe) as rec:
