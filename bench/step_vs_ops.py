@@ -153,6 +153,7 @@ def main() -> None:
     n_tok = int(sys.argv[2]) if len(sys.argv) > 2 else 128
     batch = int(sys.argv[3]) if len(sys.argv) > 3 else 8
     from dooly.catalog import resolve
+    from dooly.engine_interface import available
 
     spec = resolve(model)
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
@@ -162,7 +163,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{tmp}/latency.db"
-        vllm_rows(spec, n_tok, batch, url)
+        if available("vllm"):  # vLLM is optional: the HF rows run without it
+            vllm_rows(spec, n_tok, batch, url)
+        else:
+            print("vllm: not installed here, its rows are skipped")
         for backend in ("sdpa", "eager", "flex_attention"):
             try:
                 hf_rows(spec, backend, n_tok, batch, url)

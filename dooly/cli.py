@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from dooly.errors import DoolyError
-from dooly.records import DEFAULT_OPTIONS, EngineOptions
+from dooly.records import DEFAULT_OPTIONS, VLLM_MAX_NUM_SEQS, EngineOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Profile LLM operations once, reuse them across models, simulate serving.")
@@ -21,7 +21,7 @@ err = Console(stderr=True)
 
 
 def _fail(e: Exception) -> None:
-    err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+    err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -134,9 +134,9 @@ def env(
             "vllm", eng.version(), dtype, default_threads(tensor_parallel_size), tensor_parallel_size
         )
         t = _trace(model, "vllm", tensor_parallel_size, dtype) if model else None
+        dispatch = eng.dispatch_key()
     except DoolyError as ex:
         _fail(ex)
-    dispatch = eng.dispatch_key()
     table = Table("field", "value", title="environment key of this machine")
     for field_, value in (("device", e.device), ("CPU", e.device_name), ("ISA flags", e.isa or "-"),
                           ("AMX tiles", "yes" if "amx_tile=1" in dispatch else "no"),  # as vLLM sees them
@@ -195,7 +195,8 @@ db_app = typer.Typer(no_args_is_help=True, help="Inspect the latency database.")
 app.add_typer(db_app, name="db")
 
 _TOKENS_HELP = "engine limit: tokens per step"
-_SEQS_HELP = "engine limit: requests per step (the simulator uses what vLLM makes of it)"
+_SEQS_HELP = (f"engine limit: requests per step (default: vLLM's, {VLLM_MAX_NUM_SEQS} or --max-num-batched-tokens "
+              "if smaller; dooly uses what vLLM makes of it)")
 _KV_HELP = "KV-cache space of each engine worker, GiB (vLLM CPU's VLLM_CPU_KVCACHE_SPACE)"
 _DB_HELP = "database URL (default: $DOOLY_DB, else SQLite at ~/.local/share/dooly/latency.db)"
 
@@ -216,7 +217,7 @@ def profile(
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "--tp", help="tensor-parallel degree"),
     max_num_batched_tokens: int = typer.Option(DEFAULT_OPTIONS.max_num_batched_tokens,
                                                help="engine limit: tokens per step"),
-    max_num_seqs: int = typer.Option(DEFAULT_OPTIONS.max_num_seqs, help="engine limit: requests per step"),
+    max_num_seqs: Optional[int] = typer.Option(DEFAULT_OPTIONS.max_num_seqs, help=_SEQS_HELP),
     grid: str = typer.Option("full", help="sweep grid: full | reduced"),
     threads: Optional[int] = typer.Option(None, help="threads to time with (default: what the engine uses)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan, measure nothing"),
@@ -242,7 +243,9 @@ def profile(
             tensor_parallel_size=tensor_parallel_size,
             grid=grid,
             threads=threads,
-            limits=Limits(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs),
+            # vLLM's default max_num_seqs is lowered to the token budget when that is smaller
+            limits=Limits(max_num_batched_tokens=max_num_batched_tokens,
+                          max_num_seqs=max_num_seqs or min(VLLM_MAX_NUM_SEQS, max_num_batched_tokens)),
             attention_backend=attention_backend,
         )
         if dry_run:
@@ -359,7 +362,7 @@ def simulate(
     db: Optional[str] = typer.Option(None, "--db", help=_DB_HELP),
     dtype: str = typer.Option("bfloat16"),
     max_num_batched_tokens: int = typer.Option(DEFAULT_OPTIONS.max_num_batched_tokens, help=_TOKENS_HELP),
-    max_num_seqs: int = typer.Option(DEFAULT_OPTIONS.max_num_seqs, help=_SEQS_HELP),
+    max_num_seqs: Optional[int] = typer.Option(DEFAULT_OPTIONS.max_num_seqs, help=_SEQS_HELP),
     enable_prefix_caching: bool = typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching"),
     enable_chunked_prefill: bool = typer.Option(True, "--enable-chunked-prefill/--no-enable-chunked-prefill"),
     kv_cache_gib: float = typer.Option(DEFAULT_OPTIONS.kv_cache_gib, help=_KV_HELP),
@@ -434,7 +437,7 @@ def validate(
     db: Optional[str] = typer.Option(None, "--db", help=_DB_HELP),
     dtype: str = typer.Option("bfloat16"),
     max_num_batched_tokens: int = typer.Option(DEFAULT_OPTIONS.max_num_batched_tokens, help=_TOKENS_HELP),
-    max_num_seqs: int = typer.Option(DEFAULT_OPTIONS.max_num_seqs, help=_SEQS_HELP),
+    max_num_seqs: Optional[int] = typer.Option(DEFAULT_OPTIONS.max_num_seqs, help=_SEQS_HELP),
     enable_prefix_caching: bool = typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching"),
     enable_chunked_prefill: bool = typer.Option(True, "--enable-chunked-prefill/--no-enable-chunked-prefill"),
     kv_cache_gib: float = typer.Option(
@@ -553,8 +556,8 @@ def export_vidur(
     max_num_batched_tokens: int = typer.Option(
         DEFAULT_OPTIONS.max_num_batched_tokens, help="engine limit: tokens per step (grid and Vidur chunk)"
     ),
-    max_num_seqs: int = typer.Option(
-        DEFAULT_OPTIONS.max_num_seqs, help="engine limit: requests per step (grid and Vidur batch cap)"
+    max_num_seqs: Optional[int] = typer.Option(
+        DEFAULT_OPTIONS.max_num_seqs, help=_SEQS_HELP + " (grid and Vidur batch cap)"
     ),
     kv_cache_gib: float = typer.Option(DEFAULT_OPTIONS.kv_cache_gib, help=_KV_HELP),
     device: str = typer.Option("cpu", help="Vidur device / node SKU name the files are filed under"),

@@ -9,6 +9,7 @@ transformers): each member imports what it needs when called.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from dooly.errors import DoolyError
 from dooly.records import classify
 
 ENGINES = ("vllm", "hf")
+LIBRARIES = {"vllm": "vllm", "hf": "transformers"}  # what each engine needs installed
+EXTRAS = {"vllm": "cpu", "hf": "hf"}  # the pyproject extra that installs it
 
 
 @dataclass
@@ -84,6 +87,10 @@ class Engine:
         chose a level (never done at dooly's import)."""
         import os
 
+        if not available(self.name):
+            raise DoolyError(f"the {self.name} engine's library ({LIBRARIES[self.name]}) is not installed here; "
+                             f"install it (pip install 'dooly[{EXTRAS[self.name]}]') or use another engine "
+                             f"(--engine {'hf' if self.name == 'vllm' else 'vllm'})")
         for key, value in self.log_defaults.items():
             os.environ.setdefault(key, value)
 
@@ -157,10 +164,10 @@ def get_engine(name: str) -> Engine:
     return importlib.import_module(f"dooly.engines.{name}").ENGINE
 
 
+@functools.lru_cache(maxsize=None)
 def available(name: str) -> bool:
     """Whether an engine's own library is installed here (vLLM is an optional extra)."""
-    library = {"vllm": "vllm", "hf": "transformers"}[name]
     try:
-        return importlib.util.find_spec(library) is not None
+        return importlib.util.find_spec(LIBRARIES[name]) is not None
     except (ImportError, ValueError):
         return False

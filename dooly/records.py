@@ -15,26 +15,33 @@ from dooly.errors import DoolyError
 class EngineOptions:
     """Engine options as vLLM's EngineArgs spell them, with the defaults every entry point uses."""
 
-    max_num_seqs: int = 256  # requests per step
-    max_num_batched_tokens: int = 4096  # tokens per step
+    max_num_seqs: int | None = None  # requests per step; None: vLLM's default (VLLM_MAX_NUM_SEQS, lowered
+    #                                  to max_num_batched_tokens when that is smaller)
+    max_num_batched_tokens: int = 4096  # tokens per step (vLLM's default)
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     attention_backend: str | None = None  # None: the engine's choice
-    kv_cache_gib: float = 4.0  # KV-cache space of each worker (vLLM CPU's VLLM_CPU_KVCACHE_SPACE default)
+    kv_cache_gib: float = 4.0  # KV-cache space of each worker, GiB (vLLM CPU's VLLM_CPU_KVCACHE_SPACE default;
+    #                            the real CPU engine takes whole GiB, the simulator any size)
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens"):
             value = getattr(self, name)
+            if value is None and name == "max_num_seqs":
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise DoolyError(f"{name} must be a positive integer, got {value!r}")
-        if not self.kv_cache_gib > 0:
+        if isinstance(self.kv_cache_gib, bool) or not isinstance(self.kv_cache_gib, (int, float)) \
+                or not self.kv_cache_gib > 0:
             raise DoolyError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib!r}")
 
     def engine_kwargs(self, tensor_parallel_size: int = 1) -> dict:
         """The scheduler-relevant options as the engine's config builder takes them."""
-        kw = {"max_num_seqs": self.max_num_seqs, "max_num_batched_tokens": self.max_num_batched_tokens,
+        kw = {"max_num_batched_tokens": self.max_num_batched_tokens,
               "enable_chunked_prefill": self.enable_chunked_prefill,
               "enable_prefix_caching": self.enable_prefix_caching}
+        if self.max_num_seqs is not None:
+            kw["max_num_seqs"] = self.max_num_seqs
         if tensor_parallel_size > 1:
             kw["tensor_parallel_size"] = tensor_parallel_size
         if self.attention_backend is not None:
@@ -51,6 +58,7 @@ class EngineOptions:
 
 
 DEFAULT_OPTIONS = EngineOptions()
+VLLM_MAX_NUM_SEQS = 256  # vLLM's default max_num_seqs (what `max_num_seqs=None` resolves to at 256+ tokens)
 
 
 @dataclass(frozen=True)

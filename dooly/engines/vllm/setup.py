@@ -54,8 +54,21 @@ def engine_config(model_dir: Path, dtype: str, tensor_parallel_size: int = 1, **
         with _quiet():
             return args.create_engine_config(UsageContext.LLM_CLASS)
     except Exception as e:  # vLLM validates the config; surface its message on one line
-        msg = str(e).strip().splitlines()
-        raise DoolyError(f"vLLM rejected the model config: {msg[-1] if msg else type(e).__name__}") from None
+        raise DoolyError(f"vLLM rejected the model config: {config_error(e)}") from e
+
+
+def config_error(e: Exception) -> str:
+    """The useful line of vLLM's config error (pydantic's messages, not its footer)."""
+    errors = getattr(e, "errors", None)
+    if callable(errors):
+        try:
+            return "; ".join(f"{'.'.join(map(str, x['loc'])) + ': ' if x.get('loc') else ''}{x['msg']}"
+                             for x in errors()).removeprefix("Value error, ")
+        except Exception:  # noqa: BLE001 - not pydantic's shape after all: fall back to the text
+            pass
+    lines = [line.strip() for line in str(e).splitlines()
+             if line.strip() and not line.strip().startswith("For further information")]
+    return lines[-1] if lines else type(e).__name__
 
 
 @contextlib.contextmanager
