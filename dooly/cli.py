@@ -104,7 +104,7 @@ def trace(
 
 def _print_not_profilable(t) -> bool:
     """List the trace's ops this machine cannot measure; True when there are none."""
-    from dooly.profile.runner import not_profilable
+    from dooly.profile.profilable import not_profilable
 
     blocked = not_profilable(t)
     for sig, (op, why) in blocked.items():

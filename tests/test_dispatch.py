@@ -226,7 +226,7 @@ def test_sgl_signatures_replay_and_profile(amx_traces, tmp_path):
 def test_what_this_cpu_cannot_measure_is_named_and_refused(amx_traces):
     from dooly.engine_interface import get_engine
     from dooly.profile import Limits, current_environment, plan_profile
-    from dooly.profile.runner import not_profilable
+    from dooly.profile.profilable import not_profilable
 
     version = get_engine("vllm").version
 
@@ -246,7 +246,7 @@ def test_what_this_cpu_cannot_measure_is_named_and_refused(amx_traces):
 
 
 def test_traces_made_here_are_profilable_here(tiny_llama_trace):
-    from dooly.profile.runner import not_profilable
+    from dooly.profile.profilable import not_profilable
 
     assert not_profilable(tiny_llama_trace) == {}
 

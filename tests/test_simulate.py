@@ -41,3 +41,30 @@ def test_cli_json_and_outputs(profiled, tmp_path):
     r = subprocess.run([sys.executable, "-m", "dooly.cli", "simulate", "dooly/tiny-llama", "--workload", str(bad),
                         "--db", db.url], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode != 0 and "row 2: prompt tokens must be >= 1" in r.stderr and "Traceback" not in r.stderr
+
+
+STAGES_FROM_CACHES = """
+import sys, tempfile
+from dooly.api import capacity, export_vidur, search, simulate
+db, limits = sys.argv[1], {"max_num_seqs": 8, "max_num_batched_tokens": 128}
+grid = ["max_num_seqs=4,8", "max_num_batched_tokens=128"]
+res = simulate("dooly/tiny-llama", "n=10,prompt=64,output=8", db=db, **limits)
+assert len(res.requests) == 10
+assert len(search("dooly/tiny-llama", "n=10,prompt=64,output=8", "ttft_p99=1s", grid, db=db, use_ray=False).configs) == 2
+capacity("dooly/tiny-llama", 1.0, "n=10,prompt=64,output=8", "ttft_p99=1s", grid, db=db, use_ray=False)
+export_vidur("dooly/tiny-llama", tempfile.mkdtemp() + "/vidur", db=db, **limits)
+print(sorted({m.split(".")[0] for m in sys.modules} & {"torch", "vllm", "transformers", "sympy"}))
+"""
+
+
+def test_stages_from_cached_traces_and_settings_import_no_engine(profiled, tmp_path):
+    """simulate, search, capacity and export from cached traces and settings import neither torch nor
+    vLLM (nor transformers or sympy): the first run fills the caches, the second reads them."""
+    db, _ = profiled
+    env = {**os.environ, "DOOLY_CACHE": str(tmp_path / "cache"), "PYTHONWARNINGS": "ignore"}
+    runs = [subprocess.run([sys.executable, "-c", STAGES_FROM_CACHES, db.url], capture_output=True, text=True,
+                           env=env, timeout=600) for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(runs[0].stdout.strip().splitlines()[-1].replace("'", '"')) != []  # filling: traced
+    assert runs[1].stdout.strip().splitlines()[-1] == "[]"

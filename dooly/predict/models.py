@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from scipy.optimize import nnls
 
 from dooly.registry import registrar
 
@@ -137,6 +136,8 @@ class Linear:
             scale = np.maximum(np.abs(self.ys), floor + 1e-9)
             if counts is not None:  # a point that is the median of n samples counts sqrt(n) times as much
                 scale = scale / np.sqrt(np.maximum(np.asarray(counts, float), 1.0))
+            from scipy.optimize import nnls  # fitting only: predicting from stored fits needs numpy alone
+
             weights, _ = nnls(X / scale[:, None], self.ys / scale)
             fit = X @ weights
             rel_rms = float(np.sqrt(np.mean(((fit - self.ys) / scale) ** 2)))

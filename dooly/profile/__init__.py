@@ -1,8 +1,29 @@
-"""Profile stage: measure the operation signatures the latency database lacks."""
+"""Profile stage: measure the operation signatures the latency database lacks.
 
-from dooly.profile.environment import current_environment, default_threads
-from dooly.profile.grid import GRIDS, Limits
-from dooly.profile.runner import ProfilePlan, ProfileSummary, plan_profile, run_profile
+Its names are imported on first use: reading the environment key (`dooly.profile.environment`, as
+every simulation does) must not import torch, which the runner needs.
+"""
 
-__all__ = ["GRIDS", "Limits", "ProfilePlan", "ProfileSummary", "current_environment",
-           "default_threads", "plan_profile", "run_profile"]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {"current_environment": "dooly.profile.environment", "default_threads": "dooly.profile.environment",
+            "GRIDS": "dooly.profile.grid", "Limits": "dooly.profile.grid", "ProfilePlan": "dooly.profile.runner",
+            "ProfileSummary": "dooly.profile.runner", "plan_profile": "dooly.profile.runner",
+            "run_profile": "dooly.profile.runner"}
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from dooly.profile.environment import current_environment, default_threads
+    from dooly.profile.grid import GRIDS, Limits
+    from dooly.profile.runner import ProfilePlan, ProfileSummary, plan_profile, run_profile
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'dooly.profile' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

@@ -22,6 +22,7 @@ from dooly.db import Environment, LatencyDB, Measurement, parse_point, point_key
 from dooly.engine_interface import get_engine
 from dooly.errors import DoolyError
 from dooly.profile.grid import Limits, points
+from dooly.profile.profilable import not_profilable, refuse_unprofilable
 from dooly.profile.replay import NotReplayable, materialize, request_vars_of
 from dooly.profile.timing import measure
 from dooly.records import COLLECTIVE, FREE, STATEFUL, STATELESS
@@ -85,28 +86,6 @@ class ProfileSummary:
     @property
     def saved_pct(self) -> float:
         return 100.0 * (1 - self.device_s / self.baseline_s) if self.baseline_s > 0 else 0.0
-
-
-def not_profilable(trace: Trace) -> dict[str, tuple[str, str]]:
-    """Signatures of `trace` this machine cannot measure: signature -> (op, why). A trace made here
-    has none; one made for another CPU's kernels (e.g. AMX) can."""
-    eng = get_engine(trace.engine)
-    out: dict[str, tuple[str, str]] = {}
-    for g in trace.groups():
-        if eng.classify(g.op, g.attrs) in (STATELESS, STATEFUL) and g.signature not in out:
-            why = eng.replay_blocker(g.op, g.signature_text, dict(g.attrs))
-            if why:
-                out[g.signature] = (g.op, why)
-    return out
-
-
-def refuse_unprofilable(trace: Trace, action: str) -> None:
-    """One line, and no work, when `trace` holds ops this machine cannot measure (never left out)."""
-    blocked = not_profilable(trace)
-    if blocked:
-        ops = sorted({f"{op} ({why})" for op, why in blocked.values()})
-        raise DoolyError(f"cannot {action} {trace.model}: {len(blocked)} of its ops are not profilable here: "
-                         f"{'; '.join(ops)}")
 
 
 def plan_profile(traces: list[Trace], env: Environment, stored: dict, grid: str = "full",

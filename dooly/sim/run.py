@@ -29,7 +29,7 @@ def model_context(deployment: Deployment, db: str | None):
     environment); fails in one line when the trace holds ops this machine cannot measure."""
     from dooly.db import LatencyDB
     from dooly.predict import Predictor
-    from dooly.profile.runner import refuse_unprofilable
+    from dooly.profile.profilable import refuse_unprofilable
     from dooly.trace import trace_model
 
     d = deployment

@@ -36,10 +36,22 @@ class VllmEngine(Engine):
         return "vllm==unknown"
 
     def dispatch_key(self) -> str:
-        self.prepare()
-        from dooly.engines.vllm.kernels import dispatch_key
+        """vLLM's dispatch predicates (`kernels.dispatch_key`). They are a function of the CPU and the
+        torch and vLLM builds: once computed (and not forced, `kernels.amx_dispatch`) they are kept per
+        machine (`_dispatch_cache`), and a process that has not imported torch (a simulation from
+        cached traces) reads them from there; once torch is imported they are computed live."""
+        import sys
 
-        return dispatch_key()
+        path = _dispatch_cache(self.version())
+        if "torch" not in sys.modules and path.is_file():  # nothing can force a predicate without torch
+            return path.read_text()
+        self.prepare()
+        from dooly.engines.vllm.kernels import dispatch_forced, dispatch_key
+
+        key = dispatch_key()
+        if not dispatch_forced():
+            _write_atomic(path, key)
+        return key
 
     def attention_backends(self) -> list[str]:
         self.prepare()
@@ -113,6 +125,36 @@ class VllmEngine(Engine):
         from dooly.engines.vllm.engine import engine_settings
 
         return engine_settings(llm)
+
+
+def _dispatch_cache(version: str) -> Path:
+    """Where this machine's dispatch key is kept: keyed on the CPU (model name and flags), the
+    torch and vLLM versions and the code of the predicates."""
+    import hashlib
+    from importlib.metadata import version as dist_version
+
+    from dooly.trace.cache import cache_dir
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = [line for line in f if line.startswith(("model name", "flags", "Features"))][:2]
+    except OSError:
+        cpu = []
+    code = (Path(__file__).parent / "kernels.py").read_bytes()
+    text = "\n".join([*cpu, version, dist_version("torch"), hashlib.sha1(code).hexdigest()])
+    return cache_dir().parent / "dispatch" / f"{hashlib.sha1(text.encode()).hexdigest()}.txt"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    import os
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError:
+        pass
 
 
 ENGINE = VllmEngine()

@@ -185,9 +185,20 @@ def amx_dispatch():
     """Inside the block vLLM's CPU dispatch sees AMX tiles, whatever this CPU has: a fake trace then
     records what an AMX machine (Intel Xeon, Sapphire Rapids and later) runs. Only for tracing and
     planning: no kernel may run in the block (AMX instructions do not exist here)."""
+    global _forced
     saved = torch.cpu._is_amx_tile_supported
     torch.cpu._is_amx_tile_supported = lambda: True
+    _forced += 1
     try:
         yield
     finally:
+        _forced -= 1
         torch.cpu._is_amx_tile_supported = saved
+
+
+_forced = 0  # amx_dispatch blocks open: the predicates are not this machine's
+
+
+def dispatch_forced() -> bool:
+    """Whether a predicate is forced now (`amx_dispatch`): the dispatch key is then not this machine's."""
+    return _forced > 0
