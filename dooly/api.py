@@ -12,8 +12,9 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from dooly.registry import lazy_exports
 
 # name -> the module that defines it; imported on first use, so `import dooly.api` stays cheap (a
 # simulation from cached traces never imports torch or vLLM)
@@ -38,13 +39,4 @@ if TYPE_CHECKING:
     from dooly.workload import parse_workload
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'dooly.api' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__ = lazy_exports(__name__, _EXPORTS)

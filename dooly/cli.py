@@ -597,7 +597,8 @@ def export_vidur(
 _SLO_HELP = "targets METRIC_STAT=VALUE joined by commas (ttft|tpot|itl|e2e x mean|p50|p90|p99, ms|s), " \
             "e.g. ttft_p99=500ms,tpot_p99=50ms"
 _GRID_HELP = "engine option NAME=V1,V2 as vLLM spells it (max_num_seqs, max_num_batched_tokens, " \
-             "enable_chunked_prefill, enable_prefix_caching, attention_backend, dtype, tensor_parallel_size); " \
+             "enable_chunked_prefill, enable_prefix_caching, attention_backend, dtype, tensor_parallel_size, " \
+             "kv_cache_gib: KV space per worker, GiB); " \
              "repeatable; default: max_num_seqs=64,128,256 x max_num_batched_tokens=1024,2048,4096"
 _SEARCH_WORKLOAD_HELP = "a workload file or synthetic spec (as for simulate): its request lengths are served, " \
                         "its arrivals replaced by seeded Poisson arrivals at each rate tried"

@@ -18,3 +18,19 @@ def registrar(table: dict, what: str) -> Callable[[str], Callable]:
         return store
 
     return register
+
+
+def lazy_exports(module: str, exports: dict[str, str]) -> Callable[[str], object]:
+    """A module's `__getattr__` for `exports` (name -> the module defining it): each name is imported
+    on first use and then kept, so importing the package itself costs nothing."""
+    import importlib
+    import sys
+
+    def __getattr__(name: str):
+        if name not in exports:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(exports[name]), name)
+        setattr(sys.modules[module], name, value)
+        return value
+
+    return __getattr__

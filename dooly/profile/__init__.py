@@ -6,8 +6,9 @@ every simulation does) must not import torch, which the runner needs.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from dooly.registry import lazy_exports
 
 _EXPORTS = {"current_environment": "dooly.profile.environment", "default_threads": "dooly.profile.environment",
             "GRIDS": "dooly.profile.grid", "Limits": "dooly.profile.grid", "ProfilePlan": "dooly.profile.runner",
@@ -21,9 +22,4 @@ if TYPE_CHECKING:
     from dooly.profile.runner import ProfilePlan, ProfileSummary, plan_profile, run_profile
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'dooly.profile' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)
