@@ -478,6 +478,14 @@ def validate(
         pr = v.per_request
         console.print(f"per-request MAPE: TTFT {100 * pr['ttft']:.1f}%  TPOT {100 * pr['tpot']:.1f}%  "
                       f"E2E {100 * pr['e2e']:.1f}% | batch composition match {100 * v.match_rate:.0f}% of steps")
+        h = v.headline()
+        flags = [m.upper() for m in ("ttft", "tpot") if h[f"inconclusive_{m}"]]
+        console.print(f"machine time now / when profiled: {h['time_ratio']:.2f} (probes {h['time_ratio_min']:.2f}-"
+                      f"{h['time_ratio_max']:.2f}) | noise floor (engine run spread) TTFT {100 * h['spread_ttft']:.1f}%"
+                      f"  TPOT {100 * h['spread_tpot']:.1f}% | speed-corrected per-request MAPE: TTFT "
+                      f"{100 * h['ttft_mape_corrected']:.1f}%  TPOT {100 * h['tpot_mape_corrected']:.1f}%"
+                      + (f" | inconclusive at 5%: {', '.join(flags)} (noise floor above it)" if flags else ""),
+                      highlight=False)
         steps = Table("step type", "steps", "measured ms", "predicted ms", "MAPE", "mean signed error",
                       "predicted: stateless / attention / overhead ms")
         for _, r in v.step_types.iterrows():

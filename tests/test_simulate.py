@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 WORKLOAD = "n=24,prompt=uniform:20:300,output=uniform:4:24,arrivals=poisson:20,seed=3"
 LIMITS = {"max_num_batched_tokens": 128, "max_num_seqs": 8}
 
@@ -68,3 +70,17 @@ def test_stages_from_cached_traces_and_settings_import_no_engine(profiled, tmp_p
         assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(runs[0].stdout.strip().splitlines()[-1].replace("'", '"')) != []  # filling: traced
     assert runs[1].stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_time_scale_stretches_every_step(profiled):
+    """A machine measured k times slower (drift-aware validation): every step takes k times longer,
+    so with every request arriving at once every latency scales by k."""
+    from dooly.api import Deployment, EngineOptions, simulate_deployment
+
+    db, _ = profiled
+    d = Deployment.resolve("dooly/tiny-llama", options=EngineOptions(**LIMITS))
+    burst = "n=6,prompt=uniform:20:200,output=6,arrivals=burst,seed=2"
+    one = simulate_deployment(d, burst, db=db.url).requests
+    two = simulate_deployment(d, burst, db=db.url, time_scale=2.0).requests
+    for column in ("ttft_s", "e2e_s"):
+        assert (two[column] / one[column]).tolist() == pytest.approx([2.0] * len(one))

@@ -120,3 +120,24 @@ def test_an_engine_leaves_the_process_as_it_found_it(tiny_llama, tiny_llama_engi
         assert torch.set_num_threads is torch._C.set_num_threads  # works again after the engine
     finally:
         torch._C.set_num_threads(threads)
+
+
+def test_drift_is_measured_around_every_run_and_corrected(validated, profiled, tiny_llama_trace):
+    """Sentinels are re-timed before the first engine run and after each; the corrected simulation
+    scales every step by their median, and a noise floor above the target marks a metric inconclusive."""
+    from dooly.profile.sentinels import pick_sentinels, time_ratio
+
+    db, env = profiled
+    sentinels = pick_sentinels(tiny_llama_trace, db.points(env.key))
+    assert 1 <= len(sentinels) <= 3 and len({s.signature for s in sentinels}) == len(sentinels)
+    assert all(s.op != "aten::view" and 0 < s.stored_us <= 20_000 for s in sentinels)
+    ratio = time_ratio(sentinels, "vllm", env.threads)
+    assert 0.2 < ratio < 5  # the same method on the same machine: the same order of time
+    for v in validated:
+        h = v.headline()
+        assert len(v.time_ratios) == 2 + 1 and all(0.2 < r < 5 for r in v.time_ratios)
+        assert h["time_ratio_min"] <= h["time_ratio"] <= h["time_ratio_max"]
+        for key in ("ttft_mape_corrected", "tpot_mape_corrected"):
+            assert h[key] == h[key] and h[key] >= 0, key
+        assert h["inconclusive_ttft"] == (h["spread_ttft"] > 0.05)
+        assert v.headline(target=1e9)["inconclusive_ttft"] is False

@@ -69,8 +69,10 @@ def simulate(model: str, workload, *, db: str | None = None, dtype: str = "bfloa
 
 
 def simulate_deployment(deployment: Deployment, workload, *, db: str | None = None, scheduler: str = "fast",
-                        context: tuple | None = None) -> SimulationResult:
-    """Simulate a resolved deployment; `context`: its `model_context`, if already built."""
+                        context: tuple | None = None, time_scale: float = 1.0) -> SimulationResult:
+    """Simulate a resolved deployment; `context`: its `model_context`, if already built; `time_scale`:
+    every predicted step takes this many times longer (a machine measured slower now than when its
+    database was taken, `dooly.profile.sentinels`)."""
     from dooly.predict import StepPredictor
     from dooly.sim.core import simulate as run
     from dooly.sim.metrics import requests_frame, steps_frame, summary
@@ -79,7 +81,7 @@ def simulate_deployment(deployment: Deployment, workload, *, db: str | None = No
     sched = make_scheduler(deployment, scheduler)
     requests = parse_workload(workload, deployment.max_model_len)
     step = StepPredictor(trace, predictor)
-    results, steps = run(requests, sched, lambda batch: step(batch).us / 1e6,
+    results, steps = run(requests, sched, lambda batch: time_scale * step(batch).us / 1e6,
                          vocab=deployment.spec.config["vocab_size"])
     return SimulationResult(summary(results), requests_frame(results), steps_frame(steps))
 

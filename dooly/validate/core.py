@@ -14,7 +14,12 @@ Comparison, per workload:
   (so scheduling differences do not hide in it), by step type (prefill / decode / mixed), with the
   predicted split into stateless ops, attention and overhead — where the error lives;
 - batch composition: the share of steps, index by index, where the simulator scheduled exactly the
-  requests and token counts the engine did.
+  requests and token counts the engine did;
+- drift: before the first engine run and after each, a few sentinel points of the database are
+  re-timed (`dooly.profile.sentinels`): the machine's time ratio now / when profiled. The errors are
+  given raw and speed-corrected (the simulation's steps scaled by the median ratio), next to the
+  noise floor (the engine's run-to-run spread); a metric whose noise floor exceeds the 5% target is
+  inconclusive, not evidence either way.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from dooly.sim.metrics import requests_frame, steps_frame, summary
 from dooly.workload import parse_workload
 
 LATENCY_METRICS = ("ttft_s", "tpot_s", "itl_s", "e2e_s")
+TARGET = 0.05  # the accuracy target: a noise floor above it makes a comparison inconclusive
 STATS = ("mean", "p50", "p90", "p99")
 # the real engine gets 1 GiB of KV space per worker (memory on small machines); the simulator is given
 # the blocks the engine reports, whatever they are
@@ -51,16 +57,29 @@ class WorkloadValidation:
     match_rate: float  # share of steps with the same composition in the simulator and the engine
     measured: list = field(default_factory=list)  # per run: (requests frame, steps frame)
     predicted: object = None  # dooly.sim.run.SimulationResult
+    # drift: the machine's time ratio (now / when the database was measured) before the first engine
+    # run and after each (`dooly.profile.sentinels`), and the per-request MAPE of a simulation whose
+    # steps are scaled by their median ("speed-corrected")
+    time_ratios: list = field(default_factory=list)
+    per_request_corrected: dict = field(default_factory=dict)
 
-    def headline(self) -> dict:
+    def headline(self, target: float = TARGET) -> dict:
+        """The errors, raw and speed-corrected, with the noise floor (the engine's run-to-run spread
+        of the mean): a metric whose noise floor exceeds `target` is inconclusive at that target."""
         m = self.metrics.set_index(["metric", "stat"])
+        ratios = [r for r in self.time_ratios if r == r]
+        floor = {k: float(m.loc[(f"{k}_s", "mean"), "spread"]) for k in ("ttft", "tpot")}
         return {
             "ttft_mape": self.per_request["ttft"], "tpot_mape": self.per_request["tpot"],
             "p99_ttft_err": float(m.loc[("ttft_s", "p99"), "ape"]),
             "step_mape": float(np.mean(np.abs(self.steps["err"]))) if len(self.steps) else float("nan"),
             "match_rate": self.match_rate,
-            "spread_ttft": float(m.loc[("ttft_s", "mean"), "spread"]),
-            "spread_tpot": float(m.loc[("tpot_s", "mean"), "spread"]),
+            "spread_ttft": floor["ttft"], "spread_tpot": floor["tpot"],
+            "time_ratio": float(np.median(ratios)) if ratios else float("nan"),
+            "time_ratio_min": min(ratios, default=float("nan")), "time_ratio_max": max(ratios, default=float("nan")),
+            "ttft_mape_corrected": self.per_request_corrected.get("ttft", float("nan")),
+            "tpot_mape_corrected": self.per_request_corrected.get("tpot", float("nan")),
+            "inconclusive_ttft": not floor["ttft"] <= target, "inconclusive_tpot": not floor["tpot"] <= target,
         }
 
 
@@ -74,8 +93,25 @@ def _ape(pred: float, meas: float) -> float:
     return abs(pred - meas) / meas if meas and meas == meas else float("nan")
 
 
-def compare(workload: str, runs: list, predicted, step_predictor) -> WorkloadValidation:
-    """`runs`: per measured run (RequestResult list, StepResult list); `predicted`: SimulationResult."""
+def _per_request(runs: list, predicted) -> dict:
+    """ttft / tpot / e2e -> per-request MAPE of `predicted` (a SimulationResult), averaged over runs."""
+    pred_req = predicted.requests.set_index("request_id")
+    per_request = {}
+    for name in ("ttft", "tpot", "e2e"):
+        errs = []
+        for reqs, _ in runs:
+            meas = requests_frame(reqs).set_index("request_id")[f"{name}_s"]
+            p = pred_req[f"{name}_s"].reindex(meas.index)
+            ok = meas.notna() & p.notna() & (meas > 0)
+            errs.append(float((np.abs(p[ok] - meas[ok]) / meas[ok]).mean()) if ok.any() else float("nan"))
+        per_request[name] = float(np.nanmean(errs)) if not all(e != e for e in errs) else float("nan")
+    return per_request
+
+
+def compare(workload: str, runs: list, predicted, step_predictor, corrected=None,
+            time_ratios: list | None = None) -> WorkloadValidation:
+    """`runs`: per measured run (RequestResult list, StepResult list); `predicted`: SimulationResult;
+    `corrected`: the simulation with steps scaled by the machine's measured time ratio (`time_ratios`)."""
     summaries = [summary(reqs).set_index("metric") for reqs, _ in runs]
     psum = predicted.summary.set_index("metric")
     rows = []
@@ -89,17 +125,7 @@ def compare(workload: str, runs: list, predicted, step_predictor) -> WorkloadVal
                          "ape": _ape(p, med)})
     metrics = pd.DataFrame(rows)
 
-    pred_req = predicted.requests.set_index("request_id")
-    per_request = {}
-    for name in ("ttft", "tpot", "e2e"):
-        errs = []
-        for reqs, _ in runs:
-            meas = requests_frame(reqs).set_index("request_id")[f"{name}_s"]
-            p = pred_req[f"{name}_s"].reindex(meas.index)
-            ok = meas.notna() & p.notna() & (meas > 0)
-            errs.append(float((np.abs(p[ok] - meas[ok]) / meas[ok]).mean()) if ok.any() else float("nan"))
-        per_request[name] = float(np.nanmean(errs)) if not all(e != e for e in errs) else float("nan")
-
+    per_request = _per_request(runs, predicted)
     step_rows, matches = [], []
     pred_steps = predicted.steps
     for k, (_, steps) in enumerate(runs):
@@ -128,7 +154,8 @@ def compare(workload: str, runs: list, predicted, step_predictor) -> WorkloadVal
                     row[c.removeprefix("pred_").removesuffix("_s") + "_ms"] = 1e3 * float(g[c].mean())
             types.append(row)
     return WorkloadValidation(workload, metrics, per_request, st, pd.DataFrame(types), float(np.mean(matches)),
-                              [(requests_frame(r), steps_frame(s)) for r, s in runs], predicted)
+                              [(requests_frame(r), steps_frame(s)) for r, s in runs], predicted,
+                              list(time_ratios or []), _per_request(runs, corrected) if corrected is not None else {})
 
 
 def validate(model: str, workloads: list[str], *, db: str | None = None, dtype: str = "bfloat16", repeats: int = 3,
@@ -162,6 +189,7 @@ def validate(model: str, workloads: list[str], *, db: str | None = None, dtype: 
 
 def _validate_on(llm, deployment, context, workloads, parsed, step, db, repeats, say):
     """Serve and simulate every workload on a started engine (its effective limits are the simulator's)."""
+    from dooly.profile.sentinels import pick_sentinels, time_ratio
     from dooly.sim.run import simulate_deployment
 
     engine = get_engine(deployment.engine)
@@ -170,18 +198,24 @@ def _validate_on(llm, deployment, context, workloads, parsed, step, db, repeats,
     d = Deployment.resolve(deployment.spec, dtype=deployment.dtype, tensor_parallel_size=deployment.tensor_parallel_size,
                            options=deployment.options.replace(**actual), threads=deployment.threads, num_blocks=blocks)
     vocab = d.spec.config["vocab_size"]
+    trace, predictor = context
+    sentinels = pick_sentinels(trace, predictor.db.points(d.env.key))
     llm.reset_prefix_cache()
     engine.serve(llm, parse_workload(WARMUP), vocab)
     out = []
     for text, requests in zip(workloads, parsed):
-        runs = []
+        runs, ratios = [], [time_ratio(sentinels, d.engine, d.threads)]  # the machine's speed around every run
         for k in range(repeats):
             llm.reset_prefix_cache()
-            say(f"{d.model}: {text}: engine run {k + 1}/{repeats}")
+            say(f"{d.model}: {text}: engine run {k + 1}/{repeats} (machine time ratio {ratios[-1]:.2f})")
             runs.append(engine.serve(llm, requests, vocab))
+            ratios.append(time_ratio(sentinels, d.engine, d.threads))
         say(f"{d.model}: {text}: simulating")
         predicted = simulate_deployment(d, requests, db=db, context=context)
-        out.append(compare(text, runs, predicted, step))
+        known = [r for r in ratios if r == r]
+        corrected = simulate_deployment(d, requests, db=db, context=context,
+                                        time_scale=float(np.median(known))) if known else None
+        out.append(compare(text, runs, predicted, step, corrected, ratios))
     return out
 
 
