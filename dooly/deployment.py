@@ -13,9 +13,9 @@ Resolving needs no engine import once the settings are cached (`scheduler_settin
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +27,6 @@ from dooly.records import DEFAULT_OPTIONS, EngineOptions
 from dooly.profile.environment import current_environment, default_threads
 
 SETTINGS_FORMAT = 2
-
-
 
 
 @dataclass(frozen=True)
@@ -85,10 +83,8 @@ class Deployment:
         return self.settings["block_size"]
 
     def engine_kwargs(self) -> dict:
-        """Options for starting the real engine (tensor-parallel size and KV space passed apart)."""
-        kw = self.options.engine_kwargs()
-        kw.pop("tensor_parallel_size", None)
-        return kw
+        """Options for starting the real engine (tensor-parallel size and KV space are passed apart)."""
+        return self.options.engine_kwargs()
 
 
 def kv_blocks(settings: dict, kv_cache_gib: float, tensor_parallel_size: int = 1) -> int:
@@ -97,11 +93,12 @@ def kv_blocks(settings: dict, kv_cache_gib: float, tensor_parallel_size: int = 1
     return int(kv_cache_gib * (1 << 30) * tensor_parallel_size // settings["kv_bytes_per_block"])
 
 
-def settings_code(engine: str = "vllm") -> list[str]:
+@functools.lru_cache(maxsize=None)
+def settings_code(engine: str = "vllm") -> tuple[str, ...]:
     """What resolved settings depend on besides their inputs: the engine's version and the code that
-    resolves them (part of every cache key over settings)."""
+    resolves them (part of every cache key over settings; read once per process)."""
     eng = get_engine(engine)
-    return [eng.version(), *(f.read_text() for f in (Path(__file__), *eng.settings_sources()))]
+    return (eng.version(), *(f.read_text() for f in (Path(__file__), *eng.settings_sources())))
 
 
 def scheduler_settings(config: dict, dtype: str = "bfloat16", engine: str = "vllm", **engine_kwargs) -> dict:
@@ -110,7 +107,7 @@ def scheduler_settings(config: dict, dtype: str = "bfloat16", engine: str = "vll
 
     The key hashes the model config, dtype, options, the engine's version and the code that resolves them.
     """
-    from dooly.trace.cache import cache_dir
+    from dooly.trace.cache import cache_dir, write_atomic
 
     text = json.dumps([SETTINGS_FORMAT, config, dtype, engine_kwargs, settings_code(engine)],
                       sort_keys=True, default=str)
@@ -120,11 +117,5 @@ def scheduler_settings(config: dict, dtype: str = "bfloat16", engine: str = "vll
     except (OSError, ValueError):  # missing or unreadable: resolve and (re)write
         pass
     settings = get_engine(engine).resolve_scheduler_settings(config, dtype, engine_kwargs)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(settings))
-        tmp.replace(path)
-    except OSError:
-        pass
+    write_atomic(path, json.dumps(settings))
     return settings

@@ -58,6 +58,9 @@ class EngineOptions:
 
 
 DEFAULT_OPTIONS = EngineOptions()
+# a real engine dooly starts in its own process (validate, calibrate): 1 GiB of KV space per worker
+# (memory on small machines); a simulation of it is given the blocks the engine reports
+IN_PROCESS_OPTIONS = DEFAULT_OPTIONS.replace(kv_cache_gib=1.0)
 VLLM_MAX_NUM_SEQS = 256  # vLLM's default max_num_seqs (what `max_num_seqs=None` resolves to at 256+ tokens)
 
 

@@ -25,6 +25,8 @@ import numpy as np
 from dooly.errors import DoolyError
 from dooly.records import RequestSpec
 
+# served once by a freshly started real engine before anything is measured (add a seed)
+ENGINE_WARMUP = "n=8,prompt=uniform:16:300,output=uniform:4:24,arrivals=burst"
 CSV_COLUMNS = {  # field -> accepted column names, first match wins
     "arrival": ("arrival_s", "arrived_at", "TIMESTAMP", "timestamp", "arrival_time"),
     "prompt": ("prompt_tokens", "num_prefill_tokens", "ContextTokens", "input_tokens"),

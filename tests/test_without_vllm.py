@@ -16,10 +16,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
-pytest.importorskip("transformers")
-
 HIDE_VLLM = textwrap.dedent('''
     import importlib.abc
     import sys

@@ -15,14 +15,11 @@ import pandas as pd
 from dooly.deployment import Deployment
 from dooly.engine_interface import get_engine
 from dooly.errors import DoolyError
-from dooly.records import DEFAULT_OPTIONS
+from dooly.records import IN_PROCESS_OPTIONS
 
 CALIBRATION_MODELS = ("dooly/tiny-llama", "dooly/tiny-llama-deep")
 # served as requests arrive (prefill, mixed and decode steps of many sizes), after a warm-up
 CALIBRATION_WORKLOAD = "n=48,prompt=uniform:8:600,output=uniform:4:64,arrivals=poisson:12"
-WARMUP_WORKLOAD = "n=8,prompt=uniform:16:300,output=uniform:4:24,arrivals=burst"
-# the engine's KV space while calibrating (small models, short requests: 1 GiB is plenty)
-CALIBRATION_OPTIONS = DEFAULT_OPTIONS.replace(kv_cache_gib=1.0)
 
 
 def calibrated(db: str | None = None, dtype: str = "bfloat16", tensor_parallel_size: int = 1,
@@ -33,7 +30,7 @@ def calibrated(db: str | None = None, dtype: str = "bfloat16", tensor_parallel_s
     from dooly.predict.predictor import Predictor
 
     env = Deployment.resolve(CALIBRATION_MODELS[0], dtype=dtype, tensor_parallel_size=tensor_parallel_size,
-                             options=CALIBRATION_OPTIONS, threads=threads).env
+                             options=IN_PROCESS_OPTIONS, threads=threads).env
     try:
         return Predictor(LatencyDB(db, create=False), env).model(OVERHEAD_SIG) is not None
     except DoolyError:
@@ -54,13 +51,13 @@ def calibrate(db: str | None = None, models=CALIBRATION_MODELS, dtype: str = "bf
     from dooly.predict.step import StepPredictor
     from dooly.profile import Limits, plan_profile, run_profile
     from dooly.trace import trace_model
-    from dooly.workload import parse_workload
+    from dooly.workload import ENGINE_WARMUP, parse_workload
 
     if not models:
         raise DoolyError("calibration needs at least one model")
     start = time.perf_counter()
     deployments = [Deployment.resolve(m, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
-                                      options=CALIBRATION_OPTIONS, threads=threads) for m in models]
+                                      options=IN_PROCESS_OPTIONS, threads=threads) for m in models]
     env = deployments[0].env
     database = LatencyDB(db)
     traces = [
@@ -69,7 +66,7 @@ def calibrate(db: str | None = None, models=CALIBRATION_MODELS, dtype: str = "bf
     ]
     run_profile(plan_profile(traces, env, database.points(env.key), "reduced", Limits()), database)
     workload = parse_workload(f"{CALIBRATION_WORKLOAD},seed={seed}")
-    warmup = parse_workload(f"{WARMUP_WORKLOAD},seed={seed + 1}")
+    warmup = parse_workload(f"{ENGINE_WARMUP},seed={seed + 1}")
     rows, residuals = [], []
     for d, trace in zip(deployments, traces):
         engine, vocab = get_engine(d.engine), d.spec.config["vocab_size"]

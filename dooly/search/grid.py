@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -256,11 +255,6 @@ class _Rejections:
             return None
 
     def put(self, config: dict, c: Configuration, reason: str) -> None:
-        path = self._path(config, c)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"reason": reason}))
-            tmp.replace(path)
-        except OSError:
-            pass
+        from dooly.trace.cache import write_atomic
+
+        write_atomic(self._path(config, c), json.dumps({"reason": reason}))

@@ -135,11 +135,17 @@ def get(key: str) -> Trace | None:
 
 
 def put(key: str, trace: Trace) -> None:
-    path = cache_dir() / f"{key}.json"
+    write_atomic(cache_dir() / f"{key}.json", json.dumps(dump(trace)))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a cache file whole or not at all (readers never see half a file; concurrent writers
+    each replace it whole). A cache that cannot be written (a read-only home) only costs a later run
+    the work again, so a failure is ignored."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(dump(trace)))
-        tmp.replace(path)  # atomic: readers never see half a file
+        tmp.write_text(text)
+        tmp.replace(path)
     except OSError:
-        pass  # a read-only home only costs the next run a fresh trace
+        pass

@@ -34,17 +34,13 @@ import pandas as pd
 from dooly.deployment import Deployment
 from dooly.engine_interface import get_engine
 from dooly.errors import DoolyError
-from dooly.records import DEFAULT_OPTIONS, EngineOptions
+from dooly.records import IN_PROCESS_OPTIONS, EngineOptions
 from dooly.sim.metrics import requests_frame, steps_frame, summary
-from dooly.workload import parse_workload
+from dooly.workload import ENGINE_WARMUP, parse_workload
 
 LATENCY_METRICS = ("ttft_s", "tpot_s", "itl_s", "e2e_s")
 TARGET = 0.05  # the accuracy target: a noise floor above it makes a comparison inconclusive
 STATS = ("mean", "p50", "p90", "p99")
-# the real engine gets 1 GiB of KV space per worker (memory on small machines); the simulator is given
-# the blocks the engine reports, whatever they are
-VALIDATION_OPTIONS = DEFAULT_OPTIONS.replace(kv_cache_gib=1.0)
-WARMUP = "n=8,prompt=uniform:16:300,output=uniform:4:24,arrivals=burst,seed=123"
 
 
 @dataclass
@@ -159,7 +155,7 @@ def compare(workload: str, runs: list, predicted, step_predictor, corrected=None
 
 
 def validate(model: str, workloads: list[str], *, db: str | None = None, dtype: str = "bfloat16", repeats: int = 3,
-             tensor_parallel_size: int = 1, options: EngineOptions = VALIDATION_OPTIONS, threads: int | None = None,
+             tensor_parallel_size: int = 1, options: EngineOptions = IN_PROCESS_OPTIONS, threads: int | None = None,
              progress=None, llm=None, **engine_options) -> list[WorkloadValidation]:
     """Serve each workload `repeats` times on the real engine and simulate it; compare (see module doc).
 
@@ -201,7 +197,7 @@ def _validate_on(llm, deployment, context, workloads, parsed, step, db, repeats,
     trace, predictor = context
     sentinels = pick_sentinels(trace, predictor.db.points(d.env.key))
     llm.reset_prefix_cache()
-    engine.serve(llm, parse_workload(WARMUP), vocab)
+    engine.serve(llm, parse_workload(f"{ENGINE_WARMUP},seed=123"), vocab)
     out = []
     for text, requests in zip(workloads, parsed):
         runs, ratios = [], [time_ratio(sentinels, d.engine, d.threads)]  # the machine's speed around every run

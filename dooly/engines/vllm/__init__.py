@@ -47,10 +47,11 @@ class VllmEngine(Engine):
             return path.read_text()
         self.prepare()
         from dooly.engines.vllm.kernels import dispatch_forced, dispatch_key
+        from dooly.trace.cache import write_atomic
 
         key = dispatch_key()
         if not dispatch_forced():
-            _write_atomic(path, key)
+            write_atomic(path, key)
         return key
 
     def attention_backends(self) -> list[str]:
@@ -128,12 +129,18 @@ class VllmEngine(Engine):
 
 
 def _dispatch_cache(version: str) -> Path:
-    """Where this machine's dispatch key is kept: keyed on the CPU (model name and flags), the
-    torch and vLLM versions and the code of the predicates."""
+    """Where this machine's dispatch key is kept (`cache_dir` is read anew: it follows $DOOLY_CACHE)."""
+    from dooly.trace.cache import cache_dir
+
+    return cache_dir().parent / "dispatch" / f"{_machine_fingerprint(version)}.txt"
+
+
+@functools.lru_cache(maxsize=None)
+def _machine_fingerprint(version: str) -> str:
+    """The CPU (model name and flags), the torch and vLLM versions and the code of the predicates:
+    what the dispatch key is a function of (read once per process)."""
     import hashlib
     from importlib.metadata import version as dist_version
-
-    from dooly.trace.cache import cache_dir
 
     try:
         with open("/proc/cpuinfo") as f:
@@ -142,19 +149,7 @@ def _dispatch_cache(version: str) -> Path:
         cpu = []
     code = (Path(__file__).parent / "kernels.py").read_bytes()
     text = "\n".join([*cpu, version, dist_version("torch"), hashlib.sha1(code).hexdigest()])
-    return cache_dir().parent / "dispatch" / f"{hashlib.sha1(text.encode()).hexdigest()}.txt"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    import os
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-    except OSError:
-        pass
+    return hashlib.sha1(text.encode()).hexdigest()
 
 
 ENGINE = VllmEngine()
