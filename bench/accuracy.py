@@ -5,16 +5,17 @@ with a sliding window, Mixtral-style MoE, and two real-size configs (Qwen2.5-0.5
 Workloads: one request; 8 concurrent requests; Poisson arrivals with mixed prompt/output lengths at a
 rate that queues; the first 60 requests of the Azure LLM inference trace 2023 (conversation), as they
 arrived, token counts divided by --azure-scale (bench/data/README.md). Rows of the calibration models
-are marked: they do not claim transfer. Every model is profiled (reduced
-grid) into one fresh database, the engine's per-step overhead is calibrated once (`dooly calibrate`,
-on dooly/tiny-llama and dooly/tiny-llama-deep: tiny-llama is in-sample for the overhead, the others
-are not), then each model's engine is started once and every workload is served `--repeats` times
-after a warm-up. Printed per model x workload: per-request TTFT and TPOT MAPE, P99 TTFT error,
-step-latency MAPE (each measured step vs the prediction for the batch the engine ran), batch
-composition match, the run-to-run spread of mean TTFT / TPOT (the noise floor), the machine's time
-ratio (sentinels re-timed around every run) and the speed-corrected MAPE, and which metrics are
-inconclusive (noise floor above the 5% target: not counted for the 5% target); then the per-step residuals by
-step type, with the predicted split, so the part that carries an error is visible.
+are marked: they do not claim transfer. Every model (and the calibration models) is profiled (reduced
+grid) into one fresh database, the engine is calibrated once (`dooly calibrate`, on dooly/tiny-llama
+and dooly/tiny-llama-deep: the in-engine ratio of every op family and the per-step overhead; every
+other model is out of sample), then each model's engine is started once and every workload is served
+`--repeats` times after a warm-up. Printed per model x workload: per-request TTFT and TPOT MAPE, P99
+TTFT error, step-latency MAPE (each measured step vs the prediction for the batch the engine ran),
+batch composition match, the run-to-run spread of mean TTFT / TPOT (the noise floor), the machine's
+time ratio (sentinels re-timed around every run) and the speed-corrected MAPE, and which metrics are
+inconclusive (noise floor above the 5% target: not counted for the 5% target); then the per-step
+residuals by step type, with the predicted split; then where the error sits: one more run per
+workload with every op timed in the engine, per step type and op family in-engine vs predicted.
 TP=2 rows: `--tp-models` are also profiled at TP=2 (rank ops + collectives measured with vLLM's
 shared-memory communicator between 2 real processes), the TP=2 overhead is calibrated, and the
 real engine runs 2 workers (one per core) on the concurrent and Poisson workloads; printed with
@@ -37,7 +38,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 MODELS = ("dooly/tiny-llama", "dooly/tiny-qwen2", "dooly/tiny-mistral-sw", "dooly/tiny-mixtral",
           "Qwen/Qwen2.5-0.5B", "meta-llama/Llama-3.2-1B")  # tiny ones, then real-size configs
-CALIBRATION_MODELS = ("dooly/tiny-llama", "dooly/tiny-llama-deep")  # rows of these do not claim transfer
 AZURE_SLICE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "azure_llm_conv_2023_first60.csv")
 TP_MODELS = ("dooly/tiny-llama", "dooly/tiny-mistral-sw")  # tiny-qwen2 has 7 heads: no TP=2
 TP_WORKLOADS = ("8-concurrent", "poisson-queued")
@@ -87,6 +87,7 @@ def main() -> None:
     a = ap.parse_args()
     import pandas as pd
 
+    from dooly.predict.calibrate import CALIBRATION_MODELS  # rows of these do not claim transfer
     from dooly.validate import validate
 
     pd.set_option("display.width", 250)
@@ -104,16 +105,16 @@ def main() -> None:
             sys.exit(f"unknown workloads {unknown}; workloads: {', '.join(WORKLOADS)}")
         t0 = time.perf_counter()
         tp_models = [m for m in a.tp_models.split(",") if m]
-        for m in models:
+        for m in dict.fromkeys(list(CALIBRATION_MODELS) + models):  # calibration needs its models profiled
             dooly("profile", m, "--grid", "reduced", "--db", url)
         dooly("calibrate", "--db", url)
-        for m in tp_models:
+        for m in dict.fromkeys(list(CALIBRATION_MODELS) + tp_models) if tp_models else ():
             dooly("profile", m, "--grid", "reduced", "--tp", "2", "--db", url)
         if tp_models:
             dooly("calibrate", "--db", url, "--tensor-parallel-size", "2")
         print(f"profiled {len(models)} models (+{len(tp_models)} at TP=2) and calibrated the overhead in "
               f"{time.perf_counter() - t0:.0f} s")
-        rows, residuals, e2e = [], [], {}
+        rows, residuals, splits, e2e = [], [], [], {}
         runs = [(m, 1, chosen) for m in models] + [(m, 2, [n for n in TP_WORKLOADS if n in chosen]) for m in tp_models]
         for m, tensor_parallel_size, names in runs:
             results = validate(
@@ -122,6 +123,7 @@ def main() -> None:
                 db=url,
                 repeats=a.repeats,
                 tensor_parallel_size=tensor_parallel_size,
+                split_ops=tensor_parallel_size == 1,
                 progress=lambda msg: print(f"  .. {msg}", file=sys.stderr),
             )
             for name, v in zip(names, results):
@@ -151,6 +153,8 @@ def main() -> None:
                 )
                 for _, r in v.step_types.iterrows():
                     residuals.append({"model": m, "tp": tensor_parallel_size, "workload": name, **r.to_dict()})
+                for _, r in v.op_split.iterrows():
+                    splits.append({"model": m, "workload": name, **r.to_dict()})
                 if a.out:
                     from dooly.validate import write_validation
 
@@ -175,6 +179,13 @@ def main() -> None:
     cols = [c for c in ("model", "tp", "workload", "type", "steps", "measured_ms", "predicted_ms", "mape",
                         "mean_signed_err", "stateless_ms", "stateful_ms", "collective_ms", "overhead_ms") if c in res]
     print(res[cols].round(3).to_string(index=False))
+    if splits:
+        print("\nwhere the error sits: per step type and op family, mean ms per step in the engine (one extra run "
+              "with every op timed) vs predicted for the same batches; 'overhead' = measured step - its ops in the "
+              "engine, vs the predicted per-step overhead")
+        sp = pd.DataFrame(splits)
+        sp["signed_err %"] = 100 * sp.pop("signed_err")
+        print(sp.round(3).to_string(index=False))
     speed = [{"model": m, "workload": n, "measured TP2/TP1 speed-up": e2e[(m, n, 1)][0] / e2e[(m, n, 2)][0],
               "predicted TP2/TP1 speed-up": e2e[(m, n, 1)][1] / e2e[(m, n, 2)][1]}
              for (m, n, tensor_parallel_size) in e2e if tensor_parallel_size == 2 and (m, n, 1) in e2e]

@@ -450,6 +450,8 @@ def validate(
     repeats: int = typer.Option(3, help="engine runs per workload (after one warm-up); their spread is shown"),
     out: Optional[str] = typer.Option(None, help="folder for the raw measured and predicted data and plots"),
     as_json: bool = typer.Option(False, "--json", help="print the headline errors as JSON"),
+    split_ops: bool = typer.Option(False, "--split-ops", help="one more run per workload with every op timed in the "
+                                   "engine: the error per step type and op family (TP=1)"),
 ) -> None:
     """Run the real engine and the simulator on the same workload; print measured vs predicted."""
     from dooly.validate import validate as run, write_validation
@@ -459,7 +461,7 @@ def validate(
                                 enable_prefix_caching=enable_prefix_caching,
                                 enable_chunked_prefill=enable_chunked_prefill, kv_cache_gib=kv_cache_gib)
         results = run(model, workload, db=db, dtype=dtype, repeats=repeats, options=options,
-                      tensor_parallel_size=tensor_parallel_size,
+                      tensor_parallel_size=tensor_parallel_size, split_ops=split_ops,
                       progress=lambda msg: err.print(f"[dim]{escape(msg)}[/dim]"))
     except DoolyError as e:
         _fail(e)
@@ -493,6 +495,13 @@ def validate(
             steps.add_row(r["type"], str(r["steps"]), f"{r['measured_ms']:.2f}", f"{r['predicted_ms']:.2f}",
                           f"{100 * r['mape']:.1f}%", f"{100 * r['mean_signed_err']:+.1f}%", split)
         console.print(steps)
+        if len(v.op_split):
+            split = Table("step type", "op family", "steps", "in engine ms", "predicted ms", "signed error",
+                          title="where the error sits (one run with its ops timed; rest = measured step - its ops)")
+            for _, r in v.op_split.iterrows():
+                split.add_row(r["type"], "rest" if r["family"] == "overhead" else r["family"], str(r["steps"]),
+                              f"{r['in_engine_ms']:.3f}", f"{r['predicted_ms']:.3f}", f"{100 * r['signed_err']:+.1f}%")
+            console.print(split)
     if out:
         console.print(f"wrote {out}/")
 

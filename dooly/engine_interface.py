@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dooly.errors import DoolyError
-from dooly.records import classify
+from dooly.records import classify, op_family
 
 ENGINES = ("vllm", "hf")
 LIBRARIES = {"vllm": "vllm", "hf": "transformers"}  # what each engine needs installed
@@ -60,6 +60,8 @@ class Engine:
                                  why this machine cannot measure a traced op (None: it can)
       gemm_ops, kernel_name(op, consts)
                                  its GEMM ops, and the kernel a GEMM op runs as a person names it
+      op_family(op)              gemm / attention / kv_write / elementwise / collective / free, for
+                                 comparing an op's time inside the engine with its isolated measurement
     Serving (engines that serve: vLLM):
       resolve_scheduler_settings(config, dtype, engine_kwargs) -> dict
                                  the scheduling settings the engine really uses for these options
@@ -71,6 +73,8 @@ class Engine:
       serve(llm, requests, vocab) -> (RequestResult list, StepResult list)
       engine_settings(llm) -> dict
                                  the options a running engine actually uses (vLLM may lower some)
+      time_ops(llm)              context manager yielding a list that gets, per model step served
+                                 inside it, {op: [in-engine microseconds, calls]}
     """
 
     name: str = ""
@@ -134,6 +138,10 @@ class Engine:
         """The kind of one of its traced ops (`dooly.records.classify`)."""
         return classify(op, attrs, self.collective_prefixes)
 
+    def op_family(self, op: str) -> str:
+        """The family of one of its ops (`dooly.records.op_family`): gemm, attention, kv_write, ..."""
+        return op_family(op, self.gemm_ops, self.attention_op, self.kv_write_op, self.collective_prefixes)
+
     # serving
     def _not_serving(self, what: str):
         return DoolyError(f"the {self.name} engine does not {what}; engines that do: vllm")
@@ -156,6 +164,9 @@ class Engine:
 
     def engine_settings(self, llm) -> dict:
         raise self._not_serving("serve in-process")
+
+    def time_ops(self, llm):
+        raise self._not_serving("time its ops in-process")
 
 
 def get_engine(name: str) -> Engine:

@@ -144,6 +144,11 @@ class StepResult:
 #   collective  runs between the ranks of a tensor-parallel group: measured between real ranks
 STATELESS, FREE, STATEFUL, COLLECTIVE = "stateless", "free", "stateful", "collective"
 
+# What computation an op is, for comparing its time inside the engine's steps with its isolated
+# measurement (`dooly.predict.in_engine`): its family. Metadata ops are FREE, collectives COLLECTIVE.
+GEMM, ATTENTION, KV_WRITE, ELEMENTWISE = "gemm", "attention", "kv_write", "elementwise"
+OP_FAMILIES = (GEMM, ATTENTION, KV_WRITE, ELEMENTWISE, COLLECTIVE)
+
 # Ops that only reinterpret or allocate (no data movement worth timing); shown with --all.
 METADATA_OPS = frozenset({
     "aten::view", "aten::_unsafe_view", "aten::reshape", "aten::detach", "aten::alias", "aten::empty.memory_format",
@@ -171,3 +176,19 @@ def classify(op: str, attrs: tuple, collective_prefixes: tuple[str, ...] = ()) -
     if op.startswith(TORCH_COLLECTIVE_PREFIXES + tuple(collective_prefixes)):
         return COLLECTIVE
     return STATELESS
+
+
+def op_family(op: str, gemm_ops: tuple[str, ...] = (), attention_op: str | None = None,
+              kv_write_op: str | None = None, collective_prefixes: tuple[str, ...] = ()) -> str:
+    """The family of an op (above), from its name and the engine's op names."""
+    if is_metadata_op(op):
+        return FREE
+    if op == attention_op:
+        return ATTENTION
+    if op == kv_write_op:
+        return KV_WRITE
+    if op in gemm_ops:
+        return GEMM
+    if op.startswith(TORCH_COLLECTIVE_PREFIXES + tuple(collective_prefixes)):
+        return COLLECTIVE
+    return ELEMENTWISE

@@ -50,6 +50,24 @@ def profiled(tmp_path_factory, tiny_llama_trace):
 
 
 @pytest.fixture
+def profiled_copy(profiled, tmp_path):
+    """A private copy of the profiled database, to change freely (SQLite's backup API: pages still in
+    the write-ahead log come along), with its environment."""
+    import sqlite3
+
+    from dooly.db import LatencyDB
+
+    db, env = profiled
+    path = tmp_path / "copy.db"
+    src, dst = sqlite3.connect(db.url.split(":///", 1)[1]), sqlite3.connect(path)
+    with dst:
+        src.backup(dst)
+    src.close()
+    dst.close()
+    return LatencyDB(f"sqlite:///{path}", create=False), env
+
+
+@pytest.fixture
 def pg_url():
     """The test PostgreSQL server (scripts/postgres.sh), emptied: required in CI, skipped elsewhere without it."""
     from dooly.db import LatencyDB

@@ -85,24 +85,49 @@ def test_missing_signature_names_model_and_command(profiled):
         predict_step(other, Predictor(db, env), Batch((0,), (16,)))
 
 
-def test_calibration_stores_the_engine_overhead_and_steps_include_it(tmp_path, tiny_llama_trace):
+def test_calibration_stores_ratios_and_overhead_and_steps_include_them(profiled_copy, tiny_llama_trace):
     from dooly.api import calibrate
     from dooly.db import LatencyDB
     from dooly.predict import Predictor, predict_step
+    from dooly.predict.in_engine import InEngineRatios
     from dooly.predict.overhead import OVERHEAD_SIG
 
-    url = f"sqlite:///{tmp_path / 'cal.db'}"
+    db, env = profiled_copy  # the profiled tiny Llama, calibrated apart
+    url = db.url
     samples = calibrate(url, models=("dooly/tiny-llama",))
     assert len(samples) > 10 and (samples["measured_us"] > 0).all()
+    curves = samples.attrs["in_engine"]
+    assert {"gemm", "attention", "kv_write", "elementwise"} <= set(curves)
+    assert all(0.1 < ratio < 10 and steps >= 3 for c in curves.values() for _, ratio, _, _, steps in c)
     db = LatencyDB(url, create=False)
-    env = db.environments()[0]
     stored = db.points(env.key, OVERHEAD_SIG)
     assert stored and all(m.signature == OVERHEAD_SIG for m in stored.values())
-    step = predict_step(tiny_llama_trace, Predictor(db, env), Batch((50,) * 3, (1,) * 3))
-    bare = predict_step(tiny_llama_trace, Predictor(db, env), Batch((50,) * 3, (1,) * 3), overhead=False)
-    assert step.calibrated and not bare.calibrated
+    batch = Batch((50,) * 3, (1,) * 3)
+    step = predict_step(tiny_llama_trace, Predictor(db, env), batch)
+    bare = predict_step(tiny_llama_trace, Predictor(db, env), batch, overhead=False)
+    raw = predict_step(tiny_llama_trace, Predictor(db, env), batch, overhead=False, in_engine=False)
+    assert step.calibrated and step.in_engine and not bare.calibrated and not raw.in_engine
     assert step.us == pytest.approx(bare.us + step.by_kind["overhead"])
+    ratios = InEngineRatios.load(db, env.key)
+    for family, us in raw.by_family.items():  # each family scaled by its ratio at the step's size
+        assert bare.by_family[family] == pytest.approx(us * ratios(family, batch.num_tokens))
     # calibrating again replaces the overhead points rather than adding to them
     again = calibrate(url, models=("dooly/tiny-llama",), seed=1)
     distinct = again[["num_ops", "num_reqs", "num_tokens"]].drop_duplicates()
     assert len(db.points(env.key, OVERHEAD_SIG)) == len(distinct)
+
+
+def test_calibration_needs_its_models_profiled(tmp_path, profiled_copy):
+    from dooly.api import calibrate
+
+    db, env = profiled_copy
+    url = db.url
+    before = db.points(env.key)
+    with pytest.raises(DoolyError, match=rf"dooly/tiny-qwen2 measured .*: dooly profile dooly/tiny-qwen2 --db {url}$"):
+        calibrate(url, models=("dooly/tiny-qwen2",))
+    with pytest.raises(DoolyError, match=r"--tp 2 --db"):
+        calibrate(url, models=("dooly/tiny-llama",), tensor_parallel_size=2)
+    assert db.points(env.key) == before
+    with pytest.raises(DoolyError, match="no database at .*run `dooly profile` first"):
+        calibrate(f"sqlite:///{tmp_path / 'none.db'}", models=("dooly/tiny-llama",))
+    assert not (tmp_path / "none.db").exists()

@@ -16,7 +16,7 @@ def validated(profiled, tiny_llama_engine):
     from dooly.validate import validate
 
     db, _ = profiled
-    return validate("dooly/tiny-llama", [BURST, SPREAD], db=db.url, repeats=2, llm=tiny_llama_engine)
+    return validate("dooly/tiny-llama", [BURST, SPREAD], db=db.url, repeats=2, llm=tiny_llama_engine, split_ops=True)
 
 
 def test_ground_truth_is_what_the_engine_served(validated):
@@ -141,3 +141,18 @@ def test_drift_is_measured_around_every_run_and_corrected(validated, profiled, t
             assert h[key] == h[key] and h[key] >= 0, key
         assert h["inconclusive_ttft"] == (h["spread_ttft"] > 0.05)
         assert v.headline(target=1e9)["inconclusive_ttft"] is False
+
+
+def test_op_split_puts_each_family_in_engine_beside_its_prediction(validated):
+    for v in validated:
+        split = v.op_split
+        assert set(split["type"]) == set(v.step_types["type"])
+        for _, g in split.groupby("type"):
+            fam = g.set_index("family")
+            assert {"gemm", "attention", "kv_write", "elementwise", "ops", "overhead"} <= set(fam.index)
+            parts = fam.drop(index=["ops", "overhead"])
+            assert (parts["in_engine_ms"] > 0).all() and (parts["predicted_ms"] > 0).all()
+            assert fam.loc["ops", "in_engine_ms"] == pytest.approx(parts["in_engine_ms"].sum())
+            assert fam.loc["ops", "predicted_ms"] == pytest.approx(parts["predicted_ms"].sum())
+            signed = (fam["predicted_ms"] - fam["in_engine_ms"]) / fam["in_engine_ms"]
+            assert signed.to_numpy() == pytest.approx(fam["signed_err"].to_numpy(), nan_ok=True)

@@ -161,20 +161,21 @@ class LatencyDB:
                 .returning(S.measurements.c.point))
             return res.first() is not None
 
-    def replace_measurements(self, env: Environment, signature: str, op: str, signature_text: str,
-                             measurements: list[Measurement]) -> None:
-        """Replace every point of one signature in one environment by `measurements`, in one
-        transaction: readers see the old points or the new ones, and a failure keeps the old ones."""
-        rows = [{"env": env.key, "signature": signature, "point": m.point, "median_us": m.median_us,
-                 "p25_us": m.p25_us, "p75_us": m.p75_us, "repeats": m.repeats, "cost_s": m.cost_s, "run_id": None,
-                 "created": time.time()} for m in measurements]
+    def replace_measurements(self, env: Environment, replacements: list[tuple[str, str, str, list[Measurement]]]
+                             ) -> None:
+        """Replace every point of each (signature, op, signature text, measurements) in one environment,
+        all in one transaction: readers see the old points or the new ones, and a failure keeps the old."""
+        m = S.measurements
         with self.engine.begin() as conn:
             conn.execute(self._insert_ignore(S.environments, ["key"]).values(key=env.key, fields=env.to_json()))
-            conn.execute(self._insert_ignore(S.signatures, ["id"]).values(id=signature, op=op, text=signature_text))
-            m = S.measurements
-            conn.execute(m.delete().where(m.c.env == env.key, m.c.signature == signature))
-            if rows:
-                conn.execute(m.insert(), rows)
+            for signature, op, signature_text, measurements in replacements:
+                conn.execute(self._insert_ignore(S.signatures, ["id"]).values(id=signature, op=op, text=signature_text))
+                conn.execute(m.delete().where(m.c.env == env.key, m.c.signature == signature))
+                rows = [{"env": env.key, "signature": signature, "point": x.point, "median_us": x.median_us,
+                         "p25_us": x.p25_us, "p75_us": x.p75_us, "repeats": x.repeats, "cost_s": x.cost_s,
+                         "run_id": None, "created": time.time()} for x in measurements]
+                if rows:
+                    conn.execute(m.insert(), rows)
 
     def signature_text(self, signature: str) -> str | None:
         with self.engine.connect() as conn:

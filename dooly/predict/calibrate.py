@@ -1,25 +1,39 @@
-"""Calibration: the real engine's per-step overhead in this environment, measured and stored
-(`dooly calibrate`); `dooly.predict.overhead` says what it models and how it is predicted.
+"""Calibration (`dooly calibrate`): how the real engine's steps differ from the sum of the ops measured
+alone, in this environment, stored in the database like any other measurement.
 
-Each model (different depths: different numbers of dispatched ops) is profiled where the database
-lacks it, then served by the real in-process engine on a mixed workload; every step's residual
-(measured step time - predicted sum of its ops) becomes an overhead sample.
+Two things are measured on the real in-process engine, serving small models of different depths
+(their ops must be in the database: calibration names the `dooly profile` command otherwise):
+1. every op's time inside real steps (the engine's `time_ops`), per op family, against the database's
+   prediction of the same ops at the same point -> the in-engine ratios (`dooly.predict.in_engine`).
+   Probe workloads make steps of every size: single prefills from 16 to 2,048 tokens and decode
+   batches of 4 to 64 requests, each served several times.
+2. the steps' wall time, served untimed, minus the ops' predictions scaled by those ratios -> the
+   per-step overhead (`dooly.predict.overhead`): the scheduler, input preparation, sampling and the
+   Python between ops. The probes and a mixed workload (requests arriving while others decode) are
+   served for it.
+Both are written in one transaction: an interrupted calibration leaves the database as it was.
 """
 
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 
 import pandas as pd
 
 from dooly.deployment import Deployment
 from dooly.engine_interface import get_engine
 from dooly.errors import DoolyError
-from dooly.records import IN_PROCESS_OPTIONS
+from dooly.records import FREE, IN_PROCESS_OPTIONS
 
 CALIBRATION_MODELS = ("dooly/tiny-llama", "dooly/tiny-llama-deep")
 # served as requests arrive (prefill, mixed and decode steps of many sizes), after a warm-up
 CALIBRATION_WORKLOAD = "n=48,prompt=uniform:8:600,output=uniform:4:64,arrivals=poisson:12"
+# steps of every size: one prefill of each length, then decode batches (their prefills are sizes too)
+CALIBRATION_PROBES = tuple(f"n=1,prompt={p},output=2,arrivals=burst" for p in (16, 32, 64, 128, 256, 512, 1024, 2048)) \
+    + tuple(f"n={k},prompt=16,output=8,arrivals=burst" for k in (4, 16, 64))
+TIMED_REPEATS = 3  # each probe served this many times with its ops timed
+WALL_REPEATS = 2  # each probe and the mixed workload served this many times untimed
 
 
 def calibrated(db: str | None = None, dtype: str = "bfloat16", tensor_parallel_size: int = 1,
@@ -37,19 +51,59 @@ def calibrated(db: str | None = None, dtype: str = "bfloat16", tensor_parallel_s
         return False
 
 
-def calibrate(db: str | None = None, models=CALIBRATION_MODELS, dtype: str = "bfloat16",
-              threads: int | None = None, seed: int = 0, tensor_parallel_size: int = 1) -> pd.DataFrame:
-    """Measure the real engine's per-step overhead in this environment and store it in the database.
+def _profile_command(models, tensor_parallel_size: int, url: str) -> str:
+    tp = f" --tp {tensor_parallel_size}" if tensor_parallel_size > 1 else ""
+    return f"dooly profile {' '.join(models)}{tp} --db {url}"
 
-    With `tensor_parallel_size` K > 1 the engine runs K workers and the overhead (scheduling,
-    broadcasting the step to the workers, ...) is stored under that TP environment. Returns one row
-    per served step: model, batch point, measured, predicted ops and overhead (microseconds).
-    """
-    from dooly.db import LatencyDB
-    from dooly.predict.overhead import overhead_point, store_calibration
+
+def _step_predictors(database, env, deployments, traces):
+    """Each model's isolated-op predictor; a model whose ops the database lacks stops calibration here,
+    before an engine starts, naming the command that measures them."""
     from dooly.predict.predictor import Predictor
     from dooly.predict.step import StepPredictor
-    from dooly.profile import Limits, plan_profile, run_profile
+
+    models = [d.model for d in deployments]
+    try:
+        predictor = Predictor(database, env)
+        return [StepPredictor(t, predictor, overhead=False, in_engine=False) for t in traces]
+    except DoolyError as e:
+        raise DoolyError(f"calibration needs the ops of {', '.join(models)} measured in this environment "
+                         f"({str(e).split(';')[0]}); measure them with: "
+                         f"{_profile_command(models, deployments[0].tensor_parallel_size, database.url)}") from None
+
+
+def _family_samples(engine, steps, timed, isolated) -> list:
+    from dooly.predict.in_engine import RatioSample
+
+    if len(steps) != len(timed):
+        raise DoolyError(f"the engine served {len(steps)} steps but ran its model {len(timed)} times: "
+                         "cannot pair in-engine op times with steps")
+    out = []
+    for s, ops in zip(steps, timed):
+        in_engine: dict[str, float] = defaultdict(float)
+        for op, (us, _calls) in ops.items():
+            in_engine[engine.op_family(op)] += us
+        for family, predicted_us in isolated(s.batch).by_family.items():
+            if family != FREE:
+                out.append(RatioSample(family, s.batch.num_tokens, in_engine.get(family, 0.0), predicted_us))
+    return out
+
+
+def calibrate(db: str | None = None, models=CALIBRATION_MODELS, dtype: str = "bfloat16",
+              threads: int | None = None, seed: int = 0, tensor_parallel_size: int = 1) -> pd.DataFrame:
+    """Measure the real engine's in-engine op ratios and per-step overhead here; store them.
+
+    With `tensor_parallel_size` K > 1 the engine runs K workers in their own processes, where the ops
+    are not timed: only the overhead (scheduling, broadcasting the step to the workers, ...) is
+    stored under that TP environment. Returns one row per untimed served step: model, batch point,
+    measured, predicted ops (ratios applied) and overhead (microseconds); `attrs["in_engine"]` holds
+    the fitted ratios, per family a list of (num_tokens, ratio, p25, p75, steps).
+    """
+    from dooly.db import LatencyDB
+    from dooly.predict.in_engine import InEngineRatios, fit_ratios, ratio_replacements
+    from dooly.predict.overhead import overhead_point, overhead_replacement
+    from dooly.predict.predictor import Predictor
+    from dooly.predict.step import StepPredictor
     from dooly.trace import trace_model
     from dooly.workload import ENGINE_WARMUP, parse_workload
 
@@ -59,31 +113,47 @@ def calibrate(db: str | None = None, models=CALIBRATION_MODELS, dtype: str = "bf
     deployments = [Deployment.resolve(m, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
                                       options=IN_PROCESS_OPTIONS, threads=threads) for m in models]
     env = deployments[0].env
-    database = LatencyDB(db)
-    traces = [
-        trace_model(d.spec, engine=d.engine, dtype=d.dtype, tensor_parallel_size=d.tensor_parallel_size, cache=True)
-        for d in deployments
-    ]
-    run_profile(plan_profile(traces, env, database.points(env.key), "reduced", Limits()), database)
-    workload = parse_workload(f"{CALIBRATION_WORKLOAD},seed={seed}")
+    database = LatencyDB(db, create=False)  # a missing file: "no database at ... (run `dooly profile` first)"
+    traces = [trace_model(d.spec, engine=d.engine, dtype=d.dtype, tensor_parallel_size=d.tensor_parallel_size,
+                          cache=True) for d in deployments]
+    isolated = _step_predictors(database, env, deployments, traces)
+    probes = [parse_workload(f"{w},seed={seed + i}") for i, w in enumerate(CALIBRATION_PROBES)]
+    mixed = parse_workload(f"{CALIBRATION_WORKLOAD},seed={seed}")
     warmup = parse_workload(f"{ENGINE_WARMUP},seed={seed + 1}")
-    rows, residuals = [], []
-    for d, trace in zip(deployments, traces):
+    samples, served = [], []
+    for d, trace, iso in zip(deployments, traces, isolated):
         engine, vocab = get_engine(d.engine), d.spec.config["vocab_size"]
         with engine.running_engine(d.spec.config, dtype=d.dtype, kv_cache_gib=d.options.kv_cache_gib,
                                    tensor_parallel_size=d.tensor_parallel_size, threads=d.threads,
                                    **d.engine_kwargs()) as llm:
             engine.serve(llm, warmup, vocab)
+            if d.tensor_parallel_size == 1:
+                for _ in range(TIMED_REPEATS):
+                    for w in probes:
+                        llm.reset_prefix_cache()
+                        with engine.time_ops(llm) as timed:
+                            steps = engine.serve(llm, w, vocab)[1]
+                        samples += _family_samples(engine, steps, timed, iso)
             steps = []
-            for _ in range(2):
-                llm.reset_prefix_cache()
-                steps += engine.serve(llm, workload, vocab)[1]
-        step_ops = StepPredictor(trace, Predictor(database, env), overhead=False)
+            for _ in range(WALL_REPEATS):
+                for w in probes + [mixed]:
+                    llm.reset_prefix_cache()
+                    steps += engine.serve(llm, w, vocab)[1]
+        served.append((d, trace, steps))
+    curves = fit_ratios(samples)
+    ratios = InEngineRatios(curves)
+    rows, residuals = [], []
+    for d, trace, steps in served:
+        step_ops = StepPredictor(trace, Predictor(database, env), overhead=False, in_engine=ratios)
         for s in steps:
             measured_us, ops_us = (s.end_s - s.start_s) * 1e6, step_ops(s.batch).us
             point = overhead_point(trace, s.batch)
             residuals.append((point, measured_us - ops_us))
             rows.append({"model": d.model, **point, "measured_us": measured_us, "ops_us": ops_us,
                          "overhead_us": measured_us - ops_us})
-    store_calibration(database, env, residuals, time.perf_counter() - start)
-    return pd.DataFrame(rows)
+    cost_s = time.perf_counter() - start
+    database.replace_measurements(env, ratio_replacements(curves, cost_s / 2)
+                                  + [overhead_replacement(residuals, cost_s / 2)])
+    out = pd.DataFrame(rows)
+    out.attrs["in_engine"] = curves
+    return out

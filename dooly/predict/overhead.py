@@ -16,7 +16,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from dooly.db import Environment, LatencyDB, Measurement, point_key
+from dooly.db import Measurement, point_key
 
 OVERHEAD_OP = "dooly::engine_step_overhead"
 OVERHEAD_TEXT = json.dumps({"op": OVERHEAD_OP}, sort_keys=True)
@@ -32,8 +32,8 @@ def overhead_point(trace, batch) -> dict[str, int]:
     return {"num_ops": executed_ops(trace), "num_reqs": len(batch.query_lens), "num_tokens": batch.num_tokens}
 
 
-def store_calibration(db: LatencyDB, env: Environment, residuals: list[tuple[dict, float]], cost_s: float) -> int:
-    """Replace this environment's overhead points by the median residual per point (one transaction)."""
+def overhead_replacement(residuals: list[tuple[dict, float]], cost_s: float) -> tuple:
+    """The overhead's points as the median residual per point, for `LatencyDB.replace_measurements`."""
     groups: dict[str, list[float]] = defaultdict(list)
     for point, us in residuals:
         groups[point_key(point)].append(us)
@@ -42,5 +42,4 @@ def store_calibration(db: LatencyDB, env: Environment, residuals: list[tuple[dic
         p25, med, p75 = np.percentile(values, [25, 50, 75])
         points.append(Measurement(OVERHEAD_SIG, key, float(med), float(p25), float(p75), len(values),
                                   cost_s / max(len(groups), 1)))
-    db.replace_measurements(env, OVERHEAD_SIG, OVERHEAD_OP, OVERHEAD_TEXT, points)
-    return len(groups)
+    return OVERHEAD_SIG, OVERHEAD_OP, OVERHEAD_TEXT, points

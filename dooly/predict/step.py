@@ -1,10 +1,13 @@
 """Latency of one engine step: the traced op list with the step's request variables substituted.
 
-    step latency = sum over the trace's ops of count x predicted latency
+    step latency = sum over the trace's ops of count x predicted latency x in-engine ratio
                    (stateless: at num_tokens / num_reqs; attention: at the step's batch composition;
                     KV-cache write: at num_tokens; collectives: at num_tokens / num_reqs, as measured
                     between real ranks of the trace's tensor-parallel group; metadata-only ops: 0)
                  + the engine's calibrated per-step overhead (when the environment has one)
+
+where an op's in-engine ratio is its family's (`dooly.predict.in_engine`) at the step's num_tokens, 1
+when the environment is not calibrated.
 
 `StepPredictor` resolves every op group's regressor once, then memoises the part that depends only
 on (num_tokens, num_reqs), so a simulation pays per step for the attention terms alone.
@@ -29,19 +32,21 @@ class StepPrediction:
     uncertainty_us: float  # root-sum-square of the per-op bands (repeats of one op add linearly)
     extrapolated: bool  # some op was predicted outside its measured range
     by_kind: dict = field(default_factory=dict)  # stateless / stateful / collective / overhead -> us
+    by_family: dict = field(default_factory=dict)  # gemm / attention / kv_write / elementwise / collective -> us
     calibrated: bool = False  # the environment's per-step overhead was known and included
+    in_engine: bool = False  # op predictions were scaled by the environment's in-engine ratios
 
 
 class StepPredictor:
     """Step latency of one traced model from one predictor, for any batch."""
 
-    def __init__(self, trace: Trace, predictor: Predictor, overhead: bool = True):
+    def __init__(self, trace: Trace, predictor: Predictor, overhead: bool = True, in_engine=True):
         if trace.engine != "vllm":
             raise DoolyError(f"step prediction needs a vLLM trace (one op list per step), got {trace.engine}")
         self.trace, self.predictor = trace, predictor
         eng = get_engine(trace.engine)
-        self._by_counts: list = []  # (count, kind, signature, op) of ops that depend on the counts only
-        self._attention: list = []  # (count, signature, op) of attention ops (depend on the batch)
+        self._by_counts: list = []  # (count, kind, family, signature, op) of ops that depend on the counts only
+        self._attention: list = []  # (count, family, signature, op) of attention ops (depend on the batch)
         if trace.tensor_parallel_size > 1:
             self._check_group_size()
         for g in trace.groups():
@@ -50,13 +55,20 @@ class StepPredictor:
                 continue
             if kind == COLLECTIVE:  # like a stateless op: its latency depends on the counts only
                 self._require_collective(g.signature, g.op)
-                self._by_counts.append((g.count, kind, g.signature, g.op))
+                self._by_counts.append((g.count, kind, eng.op_family(g.op), g.signature, g.op))
                 continue
             if kind == STATEFUL and g.op == eng.attention_op:
-                self._attention.append((g.count, g.signature, g.op))
+                self._attention.append((g.count, eng.op_family(g.op), g.signature, g.op))
             else:
-                self._by_counts.append((g.count, kind, g.signature, g.op))
+                self._by_counts.append((g.count, kind, eng.op_family(g.op), g.signature, g.op))
             predictor._require(g.signature, trace.model, g.op)  # a missing signature fails here, once
+        # the in-engine/isolated ratio per op family: the environment's (True; None if not calibrated),
+        # none (False), or these (an InEngineRatios)
+        self._ratios = in_engine if not isinstance(in_engine, bool) else None
+        if in_engine is True:
+            from dooly.predict.in_engine import InEngineRatios
+
+            self._ratios = InEngineRatios.load(predictor.db, predictor.env_key)
         self._overhead = None
         if overhead:
             from dooly.predict.overhead import OVERHEAD_SIG
@@ -87,14 +99,16 @@ class StepPredictor:
         if hit is not None:
             return hit
         values = {"num_tokens": num_tokens, "num_reqs": num_reqs}
-        by_kind = {STATELESS: 0.0, STATEFUL: 0.0}
-        if any(kind == COLLECTIVE for _, kind, _, _ in self._by_counts):
+        by_kind, by_family = {STATELESS: 0.0, STATEFUL: 0.0}, {}
+        if any(kind == COLLECTIVE for _, kind, _, _, _ in self._by_counts):
             by_kind[COLLECTIVE] = 0.0
         var, extrapolated = 0.0, False
-        for count, kind, sig, op in self._by_counts:
+        for count, kind, family, sig, op in self._by_counts:
             p = self.predictor.latency(sig, values, model_name=self.trace.model, op=op)
-            by_kind[kind] += count * p.us
-            var += (count * p.uncertainty_us) ** 2
+            scale = count * self._ratio(family, num_tokens)
+            by_kind[kind] += scale * p.us
+            by_family[family] = by_family.get(family, 0.0) + scale * p.us
+            var += (scale * p.uncertainty_us) ** 2
             extrapolated |= p.extrapolated
         if self._overhead is not None:
             from dooly.predict.overhead import overhead_point
@@ -103,22 +117,28 @@ class StepPredictor:
             p = self._overhead.smooth(overhead_point(self.trace, batch))
             by_kind["overhead"] = p.us
             var += p.uncertainty_us ** 2
-        out = (by_kind, var, extrapolated)
+        out = (by_kind, by_family, var, extrapolated)
         self._memo[key] = out
         return out
 
     def __call__(self, batch: Batch) -> StepPrediction:
-        by_kind, var, extrapolated = self._counts_part(batch.num_tokens, len(batch.query_lens), batch)
-        by_kind = dict(by_kind)
-        for count, sig, op in self._attention:
+        by_kind, by_family, var, extrapolated = self._counts_part(batch.num_tokens, len(batch.query_lens), batch)
+        by_kind, by_family = dict(by_kind), dict(by_family)
+        for count, family, sig, op in self._attention:
             p = self.predictor.attention(sig, batch, model_name=self.trace.model, op=op)
-            by_kind[STATEFUL] += count * p.us
-            var += (count * p.uncertainty_us) ** 2
+            scale = count * self._ratio(family, batch.num_tokens)
+            by_kind[STATEFUL] += scale * p.us
+            by_family[family] = by_family.get(family, 0.0) + scale * p.us
+            var += (scale * p.uncertainty_us) ** 2
             extrapolated |= p.extrapolated
-        return StepPrediction(sum(by_kind.values()), math.sqrt(var), extrapolated, by_kind,
-                              self._overhead is not None)
+        return StepPrediction(sum(by_kind.values()), math.sqrt(var), extrapolated, by_kind, by_family,
+                              self._overhead is not None, bool(self._ratios))
+
+    def _ratio(self, family: str, num_tokens: int) -> float:
+        return self._ratios(family, num_tokens) if self._ratios else 1.0
 
 
-def predict_step(trace: Trace, predictor: Predictor, batch: Batch, overhead: bool = True) -> StepPrediction:
+def predict_step(trace: Trace, predictor: Predictor, batch: Batch, overhead: bool = True,
+                 in_engine: bool = True) -> StepPrediction:
     """One step's prediction (build a `StepPredictor` once to predict many steps)."""
-    return StepPredictor(trace, predictor, overhead)(batch)
+    return StepPredictor(trace, predictor, overhead, in_engine)(batch)

@@ -10,6 +10,7 @@ import dataclasses
 from typing import Callable
 
 import re
+import time
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -143,3 +144,26 @@ def record_ops(model: torch.nn.Module, describe_object: ObjectDescriber | None =
         recorder = OpRecorder(paths, describe_object, phase)
         with recorder:
             yield recorder
+
+
+class OpTimer(TorchDispatchMode):
+    """A dispatch mode that only times: wall time of each executed op's own call, summed per op.
+
+    The clock reads bracket the call alone, so the mode's Python is not in the times."""
+
+    def __init__(self):
+        super().__init__()
+        self._us: dict = {}
+        self._calls: dict = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        t0 = time.perf_counter_ns()
+        out = func(*args, **(kwargs or {}))
+        elapsed = time.perf_counter_ns() - t0
+        self._us[func] = self._us.get(func, 0) + elapsed
+        self._calls[func] = self._calls.get(func, 0) + 1
+        return out
+
+    def totals(self) -> dict[str, list]:
+        """{op name: [total microseconds, calls]} of the ops executed so far."""
+        return {op_name(f): [ns / 1e3, self._calls[f]] for f, ns in self._us.items() if f not in _NOT_EXECUTED}

@@ -20,6 +20,9 @@ Comparison, per workload:
   given raw and speed-corrected (the simulation's steps scaled by the median ratio), next to the
   noise floor (the engine's run-to-run spread); a metric whose noise floor exceeds the 5% target is
   inconclusive, not evidence either way.
+- op split (`op_split=True`): one more run with every op timed inside the engine; per step type and
+  op family (gemm, attention, kv_write, elementwise, collective), the in-engine time against its
+  prediction for the same batches, and the rest of the step against the predicted overhead.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import pandas as pd
 from dooly.deployment import Deployment
 from dooly.engine_interface import get_engine
 from dooly.errors import DoolyError
-from dooly.records import IN_PROCESS_OPTIONS, EngineOptions
+from dooly.records import FREE, IN_PROCESS_OPTIONS, EngineOptions
 from dooly.sim.metrics import requests_frame, steps_frame, summary
 from dooly.workload import ENGINE_WARMUP, parse_workload
 
@@ -58,6 +61,10 @@ class WorkloadValidation:
     # steps are scaled by their median ("speed-corrected")
     time_ratios: list = field(default_factory=list)
     per_request_corrected: dict = field(default_factory=dict)
+    # where the error sits (`op_split`): per step type and op family, the ops' time inside the engine
+    # (one extra run with every op timed) against their prediction for the same batches, and the
+    # rest of a step (measured step - its ops in the engine) against the predicted overhead
+    op_split: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def headline(self, target: float = TARGET) -> dict:
         """The errors, raw and speed-corrected, with the noise floor (the engine's run-to-run spread
@@ -154,19 +161,58 @@ def compare(workload: str, runs: list, predicted, step_predictor, corrected=None
                               list(time_ratios or []), _per_request(runs, corrected) if corrected is not None else {})
 
 
+def op_split(timed_steps: list, timed_ops: list, measured: pd.DataFrame, step_predictor, engine) -> pd.DataFrame:
+    """Per step type and op family: mean in-engine ms per step (`timed_steps` with their `timed_ops`)
+    vs predicted ms for the same batches; the row "rest" is the mean measured step (`measured`, the
+    untimed runs) minus the mean in-engine ops, against the predicted overhead."""
+    if len(timed_steps) != len(timed_ops):
+        raise DoolyError(f"the engine served {len(timed_steps)} steps but ran its model {len(timed_ops)} times")
+    rows = []
+    for s, ops in zip(timed_steps, timed_ops):
+        kind = step_type(s.batch.query_lens)
+        p = step_predictor(s.batch)
+        in_engine: dict = {}
+        for op, (us, _calls) in ops.items():
+            family = engine.op_family(op)
+            in_engine[family] = in_engine.get(family, 0.0) + us
+        for family in sorted((set(in_engine) | set(p.by_family)) - {FREE}):
+            rows.append({"type": kind, "family": family, "in_engine_ms": in_engine.get(family, 0.0) / 1e3,
+                         "predicted_ms": p.by_family.get(family, 0.0) / 1e3})
+        rows.append({"type": kind, "family": "ops", "in_engine_ms": sum(v for f, v in in_engine.items() if f != FREE) / 1e3,
+                     "predicted_ms": sum(p.by_family.values()) / 1e3})
+        rows.append({"type": kind, "family": "overhead", "in_engine_ms": float("nan"),
+                     "predicted_ms": p.by_kind.get("overhead", 0.0) / 1e3})
+    if not rows:
+        return pd.DataFrame()
+    per_step = pd.DataFrame(rows)
+    out = per_step.groupby(["type", "family"], sort=False).agg(
+        steps=("predicted_ms", "size"), in_engine_ms=("in_engine_ms", "mean"), predicted_ms=("predicted_ms", "mean"),
+    ).reset_index()
+    for t in out["type"].unique():  # the rest of a measured step, outside its ops
+        ops = out[(out["type"] == t) & (out["family"] == "ops")]["in_engine_ms"].iloc[0]
+        meas = measured[measured["type"] == t]["measured_s"]
+        rest = 1e3 * float(meas.mean()) - ops if len(meas) else float("nan")
+        out.loc[(out["type"] == t) & (out["family"] == "overhead"), "in_engine_ms"] = rest
+    out["signed_err"] = (out["predicted_ms"] - out["in_engine_ms"]) / out["in_engine_ms"]
+    return out
+
+
 def validate(model: str, workloads: list[str], *, db: str | None = None, dtype: str = "bfloat16", repeats: int = 3,
              tensor_parallel_size: int = 1, options: EngineOptions = IN_PROCESS_OPTIONS, threads: int | None = None,
-             progress=None, llm=None, **engine_options) -> list[WorkloadValidation]:
+             progress=None, llm=None, split_ops: bool = False, **engine_options) -> list[WorkloadValidation]:
     """Serve each workload `repeats` times on the real engine and simulate it; compare (see module doc).
 
     Engine options as for `simulate` (`options`, and any of its fields by name on top). `llm`: an
     already started engine of this model (`running_engine`) to reuse; the simulator then takes the
-    engine's effective limits and KV blocks from it, whatever the options say."""
+    engine's effective limits and KV blocks from it, whatever the options say. `split_ops`: one more
+    run per workload with every op timed in the engine (`op_split`; TP=1 only)."""
     from dooly.predict import StepPredictor
     from dooly.sim.run import model_context
 
     if repeats < 1:
         raise DoolyError(f"repeats must be >= 1, got {repeats}")
+    if split_ops and tensor_parallel_size > 1:
+        raise DoolyError("the op split times ops in the engine's own process: TP=1 only")
     deployment = Deployment.resolve(model, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
                                     options=options.replace(**engine_options), threads=threads)
     context = model_context(deployment, db)
@@ -179,11 +225,11 @@ def validate(model: str, workloads: list[str], *, db: str | None = None, dtype: 
         with get_engine(d.engine).running_engine(d.spec.config, dtype=d.dtype, kv_cache_gib=d.options.kv_cache_gib,
                                                  tensor_parallel_size=d.tensor_parallel_size, threads=d.threads,
                                                  **d.engine_kwargs()) as own:
-            return _validate_on(own, deployment, context, workloads, parsed, step, db, repeats, say)
-    return _validate_on(llm, deployment, context, workloads, parsed, step, db, repeats, say)
+            return _validate_on(own, deployment, context, workloads, parsed, step, db, repeats, say, split_ops)
+    return _validate_on(llm, deployment, context, workloads, parsed, step, db, repeats, say, split_ops)
 
 
-def _validate_on(llm, deployment, context, workloads, parsed, step, db, repeats, say):
+def _validate_on(llm, deployment, context, workloads, parsed, step, db, repeats, say, split_ops=False):
     """Serve and simulate every workload on a started engine (its effective limits are the simulator's)."""
     from dooly.profile.sentinels import pick_sentinels, time_ratio
     from dooly.sim.run import simulate_deployment
@@ -211,7 +257,14 @@ def _validate_on(llm, deployment, context, workloads, parsed, step, db, repeats,
         known = [r for r in ratios if r == r]
         corrected = simulate_deployment(d, requests, db=db, context=context,
                                         time_scale=float(np.median(known))) if known else None
-        out.append(compare(text, runs, predicted, step, corrected, ratios))
+        v = compare(text, runs, predicted, step, corrected, ratios)
+        if split_ops:
+            llm.reset_prefix_cache()
+            say(f"{d.model}: {text}: one more run with its ops timed")
+            with engine.time_ops(llm) as timed:
+                steps = engine.serve(llm, requests, vocab)[1]
+            v.op_split = op_split(steps, timed, v.steps, step, engine)
+        out.append(v)
     return out
 
 
@@ -227,6 +280,8 @@ def write_validation(results: list[WorkloadValidation], out) -> None:
         v.metrics.to_csv(folder / "metrics.csv", index=False)
         v.steps.to_csv(folder / "steps_measured_vs_predicted.csv", index=False)
         v.step_types.to_csv(folder / "step_types.csv", index=False)
+        if len(v.op_split):
+            v.op_split.to_csv(folder / "op_split.csv", index=False)
         for k, (reqs, steps) in enumerate(v.measured):
             reqs.to_csv(folder / f"requests_measured_run{k}.csv", index=False)
             steps.to_csv(folder / f"steps_measured_run{k}.csv", index=False)

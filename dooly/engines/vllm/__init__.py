@@ -127,6 +127,11 @@ class VllmEngine(Engine):
 
         return engine_settings(llm)
 
+    def time_ops(self, llm):
+        from dooly.engines.vllm.engine import time_engine_ops
+
+        return time_engine_ops(llm)
+
 
 def _dispatch_cache(version: str) -> Path:
     """Where this machine's dispatch key is kept (`cache_dir` is read anew: it follows $DOOLY_CACHE)."""

@@ -251,6 +251,39 @@ def time_engine_model(llm):
 
 
 @contextlib.contextmanager
+def time_engine_ops(llm):
+    """Time every op the engine's model runs (forward + compute_logits) inside the block.
+
+    Yields a list that receives one {op name: [total microseconds, calls]} per model step. Each op is
+    timed around its own call (perf_counter), as the profiler times it in isolation; the recording's
+    own Python runs between ops, so the ops' times are the engine's but the step's wall time is not.
+    """
+    from dooly.trace.recorder import OpTimer
+
+    model = model_runner(llm).model
+    steps: list[dict] = []
+    forward, logits = model.forward, model.compute_logits
+
+    def timed_forward(*args, **kwargs):
+        with OpTimer() as timer:
+            out = forward(*args, **kwargs)
+        steps.append(timer.totals())
+        return out
+
+    def timed_logits(*args, **kwargs):
+        with OpTimer() as timer:
+            out = logits(*args, **kwargs)
+        for op, (us, calls) in timer.totals().items():
+            total = steps[-1].setdefault(op, [0.0, 0])
+            total[0] += us
+            total[1] += calls
+        return out
+
+    with _model_methods(model, timed_forward, timed_logits):
+        yield steps
+
+
+@contextlib.contextmanager
 def scheduled_steps(llm):
     """Inside the block, every `schedule()` of the engine's own scheduler appends what it scheduled
     to the yielded list: (req_ids, Batch, preempted ids), or None for an empty step. Ids are the
