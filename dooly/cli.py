@@ -415,7 +415,8 @@ def calibrate(
         1, "--tensor-parallel-size", "--tp", help="calibrate the engine running K TP workers"
     ),
 ) -> None:
-    """Measure the real engine's per-step overhead here (outside the traced ops) and store it."""
+    """Time the real engine's ops inside its steps (in-engine/isolated ratio per op family and size) and its
+    per-step overhead outside the ops, here; store both."""
     from dooly.api import calibrate as run
 
     try:
@@ -423,7 +424,16 @@ def calibrate(
                       tensor_parallel_size=tensor_parallel_size)
     except DoolyError as e:
         _fail(e)
-    table = Table("model", "steps", "median measured ms", "median ops ms", "median overhead ms")
+    curves = samples.attrs.get("in_engine", {})
+    if curves:
+        sizes = sorted({n for c in curves.values() for n, *_ in c})
+        ratios = Table("op family", *[f"{n} tok" for n in sizes],
+                       title="in-engine time / isolated prediction, median per step size (p25-p75)")
+        for family, c in curves.items():
+            at = {n: f"{r:.2f} ({lo:.2f}-{hi:.2f})" for n, r, lo, hi, *_ in c}
+            ratios.add_row(family, *[at.get(n, "") for n in sizes])
+        console.print(ratios)
+    table = Table("model", "steps", "median measured ms", "median ops ms (ratios applied)", "median overhead ms")
     for name, g in samples.groupby("model"):
         table.add_row(name, str(len(g)), f"{g['measured_us'].median() / 1e3:.2f}",
                       f"{g['ops_us'].median() / 1e3:.2f}", f"{g['overhead_us'].median() / 1e3:.2f}")

@@ -98,7 +98,7 @@ def test_calibration_stores_ratios_and_overhead_and_steps_include_them(profiled_
     assert len(samples) > 10 and (samples["measured_us"] > 0).all()
     curves = samples.attrs["in_engine"]
     assert {"gemm", "attention", "kv_write", "elementwise"} <= set(curves)
-    assert all(0.1 < ratio < 10 and steps >= 3 for c in curves.values() for _, ratio, _, _, steps in c)
+    assert all(0.1 < ratio < 10 and steps >= 3 for c in curves.values() for _, ratio, _, _, steps, _ in c)
     db = LatencyDB(url, create=False)
     stored = db.points(env.key, OVERHEAD_SIG)
     assert stored and all(m.signature == OVERHEAD_SIG for m in stored.values())

@@ -72,7 +72,7 @@ def _step_predictors(database, env, deployments, traces):
                          f"{_profile_command(models, deployments[0].tensor_parallel_size, database.url)}") from None
 
 
-def _family_samples(engine, steps, timed, isolated) -> list:
+def _family_samples(engine, steps, timed, isolated, resident: float) -> list:
     from dooly.predict.in_engine import RatioSample
 
     if len(steps) != len(timed):
@@ -85,7 +85,7 @@ def _family_samples(engine, steps, timed, isolated) -> list:
             in_engine[engine.op_family(op)] += us
         for family, predicted_us in isolated(s.batch).by_family.items():
             if family != FREE:
-                out.append(RatioSample(family, s.batch.num_tokens, in_engine.get(family, 0.0), predicted_us))
+                out.append(RatioSample(family, s.batch.num_tokens, in_engine.get(family, 0.0), predicted_us, resident))
     return out
 
 
@@ -97,10 +97,10 @@ def calibrate(db: str | None = None, models=CALIBRATION_MODELS, dtype: str = "bf
     are not timed: only the overhead (scheduling, broadcasting the step to the workers, ...) is
     stored under that TP environment. Returns one row per untimed served step: model, batch point,
     measured, predicted ops (ratios applied) and overhead (microseconds); `attrs["in_engine"]` holds
-    the fitted ratios, per family a list of (num_tokens, ratio, p25, p75, steps).
+    the fitted ratios, per family a list of (num_tokens, ratio, p25, p75, steps, residency).
     """
     from dooly.db import LatencyDB
-    from dooly.predict.in_engine import InEngineRatios, fit_ratios, ratio_replacements
+    from dooly.predict.in_engine import InEngineRatios, fit_ratios, ratio_replacements, residency
     from dooly.predict.overhead import overhead_point, overhead_replacement
     from dooly.predict.predictor import Predictor
     from dooly.predict.step import StepPredictor
@@ -133,7 +133,7 @@ def calibrate(db: str | None = None, models=CALIBRATION_MODELS, dtype: str = "bf
                         llm.reset_prefix_cache()
                         with engine.time_ops(llm) as timed:
                             steps = engine.serve(llm, w, vocab)[1]
-                        samples += _family_samples(engine, steps, timed, iso)
+                        samples += _family_samples(engine, steps, timed, iso, residency(trace, engine))
             steps = []
             for _ in range(WALL_REPEATS):
                 for w in probes + [mixed]:
@@ -141,9 +141,9 @@ def calibrate(db: str | None = None, models=CALIBRATION_MODELS, dtype: str = "bf
                     steps += engine.serve(llm, w, vocab)[1]
         served.append((d, trace, steps))
     curves = fit_ratios(samples)
-    ratios = InEngineRatios(curves)
     rows, residuals = [], []
     for d, trace, steps in served:
+        ratios = InEngineRatios(curves, residency(trace, get_engine(d.engine)))
         step_ops = StepPredictor(trace, Predictor(database, env), overhead=False, in_engine=ratios)
         for s in steps:
             measured_us, ops_us = (s.end_s - s.start_s) * 1e6, step_ops(s.batch).us

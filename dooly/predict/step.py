@@ -66,9 +66,9 @@ class StepPredictor:
         # none (False), or these (an InEngineRatios)
         self._ratios = in_engine if not isinstance(in_engine, bool) else None
         if in_engine is True:
-            from dooly.predict.in_engine import InEngineRatios
+            from dooly.predict.in_engine import InEngineRatios, residency
 
-            self._ratios = InEngineRatios.load(predictor.db, predictor.env_key)
+            self._ratios = InEngineRatios.load(predictor.db, predictor.env_key, residency(trace, eng))
         self._overhead = None
         if overhead:
             from dooly.predict.overhead import OVERHEAD_SIG
