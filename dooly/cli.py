@@ -25,7 +25,8 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(2)
 
 
-def _trace(model: str, engine: str, tensor_parallel_size: int, dtype: str, attention_backend: str | None = None):
+def _trace(model: str, engine: str, tensor_parallel_size: int, dtype: str, attention_backend: str | None = None,
+           kv_cache_dtype: str | None = None):
     from dooly.catalog import resolve
     from dooly.trace import trace_model
 
@@ -35,9 +36,12 @@ def _trace(model: str, engine: str, tensor_parallel_size: int, dtype: str, atten
         tensor_parallel_size=tensor_parallel_size,
         dtype=dtype,
         attention_backend=attention_backend,
+        kv_cache_dtype=kv_cache_dtype,
     )
 
 
+_KVD_HELP_T = "KV-cache storage as vLLM spells it: auto | fp8 | fp8_e4m3 | fp8_e5m2 (changes the attention kernels)"
+_KVD_HELP = "KV-cache storage as vLLM spells it: auto (the model's dtype) | fp8 | fp8_e4m3 | fp8_e5m2 (what the backend offers)"
 _BACKEND_HELP = ("attention backend (vllm: CPU_ATTN here, FLASH_ATTN | FLASHINFER | TRITON_ATTN on GPUs; "
                  "hf: sdpa | eager | flex_attention | paged|sdpa | paged|eager); default: the engine's choice")
 
@@ -69,12 +73,13 @@ def trace(
     fmt: str = typer.Option("table", "--format", help="table | json"),
     all_ops: bool = typer.Option(False, "--all", help="table: also show views and other metadata-only ops"),
     attention_backend: Optional[str] = typer.Option(None, help=_BACKEND_HELP),
+    kv_cache_dtype: str = typer.Option("auto", help=_KVD_HELP_T),
 ) -> None:
     """Trace one engine step and print every op with its dims labelled by origin."""
     if fmt not in ("table", "json"):
         _fail(DoolyError(f"unknown format {fmt!r}; formats: table, json"))
     try:
-        t = _trace(model, engine, tensor_parallel_size, dtype, attention_backend)
+        t = _trace(model, engine, tensor_parallel_size, dtype, attention_backend, kv_cache_dtype)
     except DoolyError as e:
         _fail(e)
     if fmt == "json":
@@ -169,6 +174,7 @@ def plan(
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "--tp", help="tensor-parallel degree"),
     dtype: str = typer.Option("bfloat16"),
     attention_backend: Optional[str] = typer.Option(None, help=_BACKEND_HELP),
+    kv_cache_dtype: str = typer.Option("auto", help=_KVD_HELP_T),
 ) -> None:
     """Show how many operation signatures each model shares with the ones before it."""
     from dooly.catalog import suite as suite_models
@@ -178,7 +184,7 @@ def plan(
         names = list(models or []) + (suite_models(suite) if suite else [])
         if not names:
             raise DoolyError("give models or --suite NAME")
-        traces = [_trace(m, engine, tensor_parallel_size, dtype, attention_backend) for m in names]
+        traces = [_trace(m, engine, tensor_parallel_size, dtype, attention_backend, kv_cache_dtype) for m in names]
     except DoolyError as e:
         _fail(e)
     rows, unique = make_plan(traces)
@@ -222,6 +228,7 @@ def profile(
     threads: Optional[int] = typer.Option(None, help="threads to time with (default: what the engine uses)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan, measure nothing"),
     attention_backend: Optional[str] = typer.Option(None, help=_BACKEND_HELP),
+    kv_cache_dtype: str = typer.Option("auto", help=_KVD_HELP_T),
     ray_address: Optional[str] = typer.Option(
         None, help="split the missing points across the workers of this Ray cluster (HOST:PORT, ray://..., "
                    "auto; 'local' starts one here), all writing to --db (PostgreSQL for a multi-machine cluster)"),
@@ -247,6 +254,7 @@ def profile(
             limits=Limits(max_num_batched_tokens=max_num_batched_tokens,
                           max_num_seqs=max_num_seqs or min(VLLM_MAX_NUM_SEQS, max_num_batched_tokens)),
             attention_backend=attention_backend,
+            kv_cache_dtype=kv_cache_dtype,
         )
         if dry_run:
             plan_, _ = plan_models(names, create_db=False, **options)
@@ -366,6 +374,7 @@ def simulate(
     enable_prefix_caching: bool = typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching"),
     enable_chunked_prefill: bool = typer.Option(True, "--enable-chunked-prefill/--no-enable-chunked-prefill"),
     kv_cache_gib: float = typer.Option(DEFAULT_OPTIONS.kv_cache_gib, help=_KV_HELP),
+    kv_cache_dtype: str = typer.Option(DEFAULT_OPTIONS.kv_cache_dtype, help=_KVD_HELP),
     num_gpu_blocks: Optional[int] = typer.Option(None, help="KV-cache blocks (default: what --kv-cache-gib gives)"),
     tensor_parallel_size: int = typer.Option(
         1, "--tensor-parallel-size", "--tp", help="TP degree (needs the model profiled with --tensor-parallel-size K)"
@@ -380,7 +389,8 @@ def simulate(
     try:
         options = EngineOptions(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                 enable_prefix_caching=enable_prefix_caching,
-                                enable_chunked_prefill=enable_chunked_prefill, kv_cache_gib=kv_cache_gib)
+                                enable_chunked_prefill=enable_chunked_prefill, kv_cache_gib=kv_cache_gib,
+                                kv_cache_dtype=kv_cache_dtype)
         res = run(model, workload, db=db, dtype=dtype, tensor_parallel_size=tensor_parallel_size, options=options,
                   num_gpu_blocks=num_gpu_blocks)
     except DoolyError as e:
@@ -454,6 +464,7 @@ def validate(
         1.0,
         help="the real engine's KV-cache space per worker, GiB (the simulator " "gets the blocks the engine reports)",
     ),
+    kv_cache_dtype: str = typer.Option(DEFAULT_OPTIONS.kv_cache_dtype, help=_KVD_HELP),
     tensor_parallel_size: int = typer.Option(
         1, "--tensor-parallel-size", "--tp", help="TP degree: the engine runs one worker per core"
     ),
@@ -469,7 +480,8 @@ def validate(
     try:
         options = EngineOptions(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                 enable_prefix_caching=enable_prefix_caching,
-                                enable_chunked_prefill=enable_chunked_prefill, kv_cache_gib=kv_cache_gib)
+                                enable_chunked_prefill=enable_chunked_prefill, kv_cache_gib=kv_cache_gib,
+                                kv_cache_dtype=kv_cache_dtype)
         results = run(model, workload, db=db, dtype=dtype, repeats=repeats, options=options,
                       tensor_parallel_size=tensor_parallel_size, split_ops=split_ops,
                       progress=lambda msg: err.print(f"[dim]{escape(msg)}[/dim]"))
@@ -587,6 +599,7 @@ def export_vidur(
         DEFAULT_OPTIONS.max_num_seqs, help=_SEQS_HELP + " (grid and Vidur batch cap)"
     ),
     kv_cache_gib: float = typer.Option(DEFAULT_OPTIONS.kv_cache_gib, help=_KV_HELP),
+    kv_cache_dtype: str = typer.Option(DEFAULT_OPTIONS.kv_cache_dtype, help=_KVD_HELP),
     device: str = typer.Option("cpu", help="Vidur device / node SKU name the files are filed under"),
     tensor_parallel_size: int = typer.Option(
         1,
@@ -602,7 +615,7 @@ def export_vidur(
         if engine != "vllm":
             raise DoolyError(f"engine {engine!r} cannot be exported to Vidur; engines: vllm")
         options = EngineOptions(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                kv_cache_gib=kv_cache_gib)
+                                kv_cache_gib=kv_cache_gib, kv_cache_dtype=kv_cache_dtype)
         res = run(model, out, db=db, dtype=dtype, options=options, device=device,
                   tensor_parallel_size=tensor_parallel_size)
     except DoolyError as e:

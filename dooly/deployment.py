@@ -55,6 +55,10 @@ class Deployment:
         if num_blocks is not None and num_blocks < 1:
             raise DoolyError(f"num_gpu_blocks must be >= 1, got {num_blocks}")
         spec = model if isinstance(model, ModelSpec) else resolve(model)
+        if options.kv_cache_dtype != "auto":
+            from dooly.trace.core import check_kv_cache_dtype
+
+            check_kv_cache_dtype(get_engine(engine), options.kv_cache_dtype, options.attention_backend)
         settings = scheduler_settings(spec.config, dtype, engine, **options.engine_kwargs(tensor_parallel_size))
         threads = threads or default_threads(tensor_parallel_size)
         env = current_environment(engine, get_engine(engine).version(), dtype, threads, tensor_parallel_size)

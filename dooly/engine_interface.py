@@ -45,6 +45,9 @@ class Engine:
       dispatch_key()             the hardware predicates its kernel dispatch reads (part of a trace's
                                  cache key: a trace is valid only where they hold)
       attention_backends()       the backends it offers here
+      shape_free_options         trace options that change kernels but no traced shape (the labelling
+                                 runs on perturbed configs go without them)
+      kv_cache_dtypes(backend)   the KV-cache storage dtypes an attention backend offers ("auto" first)
       run_trace(config, tp, dtype, pinned=None, **options) -> RunResult
                                  one traced forward pass per phase; `pinned` = another run's `dispatch`
     Profiling:
@@ -81,6 +84,7 @@ class Engine:
     request_vars: tuple[str, ...] = ()
     collective_prefixes: tuple[str, ...] = ()
     gemm_ops: tuple[str, ...] = ()
+    shape_free_options: tuple[str, ...] = ()  # trace options that change kernels, never a traced tensor shape
     attention_op: str | None = None  # its stateful attention op (reads the KV cache), if it has one
     kv_write_op: str | None = None  # its stateful KV-cache write op, if it has one
 
@@ -106,6 +110,9 @@ class Engine:
 
     def attention_backends(self) -> list[str]:
         raise NotImplementedError
+
+    def kv_cache_dtypes(self, attention_backend: str | None = None) -> list[str]:
+        return ["auto"]
 
     def run_trace(
         self,

@@ -23,6 +23,8 @@ class EngineOptions:
     attention_backend: str | None = None  # None: the engine's choice
     kv_cache_gib: float = 4.0  # KV-cache space of each worker, GiB (vLLM CPU's VLLM_CPU_KVCACHE_SPACE default;
     #                            the real CPU engine takes whole GiB, the simulator any size)
+    kv_cache_dtype: str = "auto"  # KV-cache storage as vLLM spells it ("auto": the model's dtype; "fp8", ...):
+    #                                what the attention backend offers is checked by Deployment.resolve
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens"):
@@ -34,6 +36,8 @@ class EngineOptions:
         if isinstance(self.kv_cache_gib, bool) or not isinstance(self.kv_cache_gib, (int, float)) \
                 or not self.kv_cache_gib > 0:
             raise DoolyError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib!r}")
+        if not isinstance(self.kv_cache_dtype, str) or not self.kv_cache_dtype:
+            raise DoolyError(f"kv_cache_dtype must be a name such as auto or fp8, got {self.kv_cache_dtype!r}")
 
     def engine_kwargs(self, tensor_parallel_size: int = 1) -> dict:
         """The scheduler-relevant options as the engine's config builder takes them."""
@@ -46,7 +50,14 @@ class EngineOptions:
             kw["tensor_parallel_size"] = tensor_parallel_size
         if self.attention_backend is not None:
             kw["attention_backend"] = self.attention_backend
+        if self.kv_cache_dtype != "auto":
+            kw["kv_cache_dtype"] = self.kv_cache_dtype
         return kw
+
+    def trace_options(self) -> dict:
+        """The options that change what a traced step runs (its attention kernel and KV storage)."""
+        return {"attention_backend": self.attention_backend,
+                "kv_cache_dtype": None if self.kv_cache_dtype == "auto" else self.kv_cache_dtype}
 
     def replace(self, **changes) -> "EngineOptions":
         """A copy with some options changed (None values are ignored: "not given")."""

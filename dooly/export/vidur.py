@@ -322,7 +322,8 @@ def export_vidur(model: str, out, *, db: str | None = None, dtype: str = "bfloat
     hint = f"dooly profile {spec.name}{f' --tp {tensor_parallel_size}' if tensor_parallel_size > 1 else ''} --db {url}"
     block, max_len, num_blocks = d.block_size, d.max_model_len, d.num_blocks
     vmodel = vidur_model_config(spec.name, spec.config, max_len)
-    trace = trace_model(spec, dtype=d.dtype, tensor_parallel_size=tensor_parallel_size, cache=True)
+    trace = trace_model(spec, dtype=d.dtype, tensor_parallel_size=tensor_parallel_size, cache=True,
+                        **d.options.trace_options())
     parts, unplaced = split_trace(trace)
     missing = [
         name for name in (*REQUIRED, *(("all_reduce",) if tensor_parallel_size > 1 else ())) if name not in parts
@@ -464,6 +465,12 @@ def _manifest(model, trace, env, url, parts, unplaced, mlp, attention, all_reduc
     if predictor.model(OVERHEAD_SIG) is not None:
         not_represented.append({"module": "(engine)", "op": "per-step overhead (dooly calibrate)", "count": 1,
                                 "reason": "Vidur 0.0.26 has no per-step CPU overhead term"})
+    kv_dtypes = {dict(o.attrs).get("kv_cache_dtype") for o in trace.ops} - {None, "auto"}
+    if kv_dtypes:
+        not_represented.append({"module": "model.layers.*.self_attn.attn", "op": f"KV cache in {kv_dtypes.pop()}",
+                                "count": 1, "reason": "Vidur 0.0.26 has no precision axis: the attention rows are "
+                                "this KV dtype's measured kernels and --cache_config_num_blocks is the blocks it "
+                                "gives, but Vidur's own memory planning would assume the model dtype"})
     if all_reduce is None:
         not_filled.append({"what": "network all_reduce.csv", "reason": "Vidur reads it only at tensor_parallel_size "
                            "> 1; export with --tensor-parallel-size K from a `dooly profile --tp K` database"})

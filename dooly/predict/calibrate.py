@@ -115,7 +115,7 @@ def calibrate(db: str | None = None, models=CALIBRATION_MODELS, dtype: str = "bf
     env = deployments[0].env
     database = LatencyDB(db, create=False)  # a missing file: "no database at ... (run `dooly profile` first)"
     traces = [trace_model(d.spec, engine=d.engine, dtype=d.dtype, tensor_parallel_size=d.tensor_parallel_size,
-                          cache=True) for d in deployments]
+                          cache=True, **d.options.trace_options()) for d in deployments]
     isolated = _step_predictors(database, env, deployments, traces)
     probes = [parse_workload(f"{w},seed={seed + i}") for i, w in enumerate(CALIBRATION_PROBES)]
     mixed = parse_workload(f"{CALIBRATION_WORKLOAD},seed={seed}")

@@ -73,11 +73,11 @@ class Predictor:
             self._att[signature] = hit
         return hit
 
-    def _require(self, signature: str, model_name: str, op: str):
+    def _require(self, signature: str, model_name: str, op: str, flags: str = ""):
         m = self.model(signature)
         if m is None:
             what = f"{op} ({signature[:8]})" if op else signature
             who = f" of {model_name}" if model_name else ""
             raise DoolyError(f"no measurements for {what}{who} in this environment; fill them with: "
-                             f"dooly profile {model_name or 'MODEL'} --db {self.db.url}")
+                             f"dooly profile {model_name or 'MODEL'}{flags} --db {self.db.url}")
         return m

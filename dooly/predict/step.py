@@ -61,7 +61,7 @@ class StepPredictor:
                 self._attention.append((g.count, eng.op_family(g.op), g.signature, g.op))
             else:
                 self._by_counts.append((g.count, kind, eng.op_family(g.op), g.signature, g.op))
-            predictor._require(g.signature, trace.model, g.op)  # a missing signature fails here, once
+            predictor._require(g.signature, trace.model, g.op, self._profile_flags())  # fails here, once
         # the in-engine/isolated ratio per op family: the environment's (True; None if not calibrated),
         # none (False), or these (an InEngineRatios)
         self._ratios = in_engine if not isinstance(in_engine, bool) else None
@@ -75,6 +75,13 @@ class StepPredictor:
 
             self._overhead = predictor.model(OVERHEAD_SIG)
         self._memo: dict[tuple[int, int], tuple] = {}
+
+    def _profile_flags(self) -> str:
+        """The `dooly profile` flags that trace this model as traced here (TP degree, KV-cache dtype)."""
+        t = self.trace
+        kv = {dict(o.attrs).get("kv_cache_dtype") for o in t.ops} - {None, "auto"}
+        return ((f" --tp {t.tensor_parallel_size}" if t.tensor_parallel_size > 1 else "")
+                + (f" --kv-cache-dtype {kv.pop()}" if kv else ""))
 
     def _profile_command(self) -> str:
         return f"dooly profile {self.trace.model} --tp {self.trace.tensor_parallel_size} --db {self.predictor.db.url}"

@@ -18,7 +18,7 @@ from dooly.profile.runner import ProfilePlan, ProfileSummary, plan_profile, run_
 def plan_models(models: list[str], *, engine: str = "vllm", db: str | None = None, dtype: str = "bfloat16",
                 tensor_parallel_size: int = 1, limits: Limits = Limits(), grid: str = "full",
                 threads: int | None = None, attention_backend: str | None = None,
-                create_db: bool = True) -> tuple[ProfilePlan, LatencyDB | None]:
+                kv_cache_dtype: str | None = None, create_db: bool = True) -> tuple[ProfilePlan, LatencyDB | None]:
     """What profiling `models` would measure here: traces them, and looks up what the database holds.
 
     create_db=False leaves a missing database missing (a dry run): the plan then reuses nothing."""
@@ -33,10 +33,6 @@ def plan_models(models: list[str], *, engine: str = "vllm", db: str | None = Non
         raise DoolyError("give models or --suite NAME")
     specs = [resolve(m) for m in models]
     eng = get_engine(engine)
-    database = LatencyDB(db) if create_db else _existing(db)
-    env = current_environment(
-        engine, eng.version(), dtype, threads or default_threads(tensor_parallel_size), tensor_parallel_size
-    )
     traces = [
         trace_model(
             s,
@@ -44,9 +40,15 @@ def plan_models(models: list[str], *, engine: str = "vllm", db: str | None = Non
             tensor_parallel_size=tensor_parallel_size,
             dtype=dtype,
             attention_backend=attention_backend,
+            kv_cache_dtype=kv_cache_dtype,
         )
         for s in specs
     ]
+    # opened after tracing: a model or option the engine refuses leaves no database behind
+    database = LatencyDB(db) if create_db else _existing(db)
+    env = current_environment(
+        engine, eng.version(), dtype, threads or default_threads(tensor_parallel_size), tensor_parallel_size
+    )
     stored = database.points(env.key) if database else {}
     return plan_profile(traces, env, stored, grid, limits), database
 

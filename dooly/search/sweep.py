@@ -118,8 +118,8 @@ class Workbench:
         from dooly.trace import trace_model
 
         d = self.deployment(c)
-        trace = trace_model(d.spec, dtype=d.dtype, tensor_parallel_size=d.tensor_parallel_size,
-                            attention_backend=d.options.attention_backend, cache=True)
+        trace = trace_model(d.spec, dtype=d.dtype, tensor_parallel_size=d.tensor_parallel_size, cache=True,
+                            **d.options.trace_options())
         return StepPredictor(trace, Predictor(self.db, d.env))
 
     def deployment(self, c: Configuration):
@@ -370,4 +370,6 @@ def profile_command(e: DoolyError, c: Configuration, db_url: str) -> str:
         cmd += f" --dtype {c.dtype}"
     if c.attention_backend and "--attention-backend" not in cmd:
         cmd += f" --attention-backend {c.attention_backend}"
+    if c.kv_cache_dtype != "auto" and "--kv-cache-dtype" not in cmd:
+        cmd += f" --kv-cache-dtype {c.kv_cache_dtype}"
     return cmd

@@ -34,7 +34,7 @@ def model_context(deployment: Deployment, db: str | None):
 
     d = deployment
     trace = trace_model(d.spec, engine=d.engine, dtype=d.dtype, tensor_parallel_size=d.tensor_parallel_size,
-                        attention_backend=d.options.attention_backend, cache=True)
+                        cache=True, **d.options.trace_options())
     refuse_unprofilable(trace, "predict")
     return trace, Predictor(LatencyDB(db, create=False), d.env)
 

@@ -38,7 +38,7 @@ def _code_digest(engine: str) -> str:
 
 
 def cache_key(config: dict, engine: str, engine_version: str, tensor_parallel_size: int, dtype: str, backend, hints,
-              dispatch_key: str = "") -> str:
+              dispatch_key: str = "", kv_cache_dtype: str | None = None) -> str:
     """`dispatch_key`: the hardware predicates the engine's kernel choices read (the same cache may
     be read on another CPU: an AMX machine's trace is not this one's)."""
     text = json.dumps(
@@ -53,6 +53,7 @@ def cache_key(config: dict, engine: str, engine_version: str, tensor_parallel_si
             hints,
             dispatch_key,
             _code_digest(engine),
+            *([kv_cache_dtype] if kv_cache_dtype else []),  # keys of default-KV traces unchanged
         ],
         sort_keys=True,
         default=str,

@@ -17,11 +17,12 @@ DTYPES = ("bfloat16", "float16", "float32")
 
 def trace_model(spec: ModelSpec, engine: str = "vllm", tensor_parallel_size: int = 1, dtype: str = "bfloat16",
                 hints: tuple[int, int] | None = None, attention_backend: str | None = None,
-                cache: bool = False) -> Trace:
+                cache: bool = False, kv_cache_dtype: str | None = None) -> Trace:
     """Trace one step of `spec` on `engine` and label every dimension of every op by its origin.
 
-    `cache=True` reads and fills the disk cache (dooly.trace.cache) keyed on everything a trace
-    depends on, for stages that only consume traces."""
+    `kv_cache_dtype`: the KV-cache storage ("fp8", ...; None or "auto": the model's dtype), which
+    changes the attention and KV-write kernels. `cache=True` reads and fills the disk cache
+    (dooly.trace.cache) keyed on everything a trace depends on, for stages that only consume traces."""
     if dtype not in DTYPES:
         raise DoolyError(f"unknown dtype {dtype!r}; dtypes: {', '.join(DTYPES)}")
     if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
@@ -38,6 +39,11 @@ def trace_model(spec: ModelSpec, engine: str = "vllm", tensor_parallel_size: int
             raise DoolyError(f"attention backend {attention_backend!r} is not offered by {engine} here; "
                              f"available: {', '.join(available)}")
         kwargs["attention_backend"] = attention_backend
+    if kv_cache_dtype == "auto":
+        kv_cache_dtype = None
+    if kv_cache_dtype is not None:
+        check_kv_cache_dtype(eng, kv_cache_dtype, attention_backend)
+        kwargs["kv_cache_dtype"] = kv_cache_dtype
     if cache:
         from dooly.trace import cache as trace_cache
 
@@ -50,13 +56,24 @@ def trace_model(spec: ModelSpec, engine: str = "vllm", tensor_parallel_size: int
             attention_backend,
             hints,
             eng.dispatch_key(),
+            kv_cache_dtype,
         )
         hit = trace_cache.get(key)
         if hit is not None:
             return dataclasses.replace(hit, model=spec.name)
-        trace = trace_model(spec, engine, tensor_parallel_size, dtype, hints, attention_backend)
+        trace = trace_model(spec, engine, tensor_parallel_size, dtype, hints, attention_backend,
+                            kv_cache_dtype=kv_cache_dtype)
         trace_cache.put(key, trace)
         return trace
     from dooly.trace.differential import trace_runs
 
     return trace_runs(spec, engine, tensor_parallel_size, dtype, params, kwargs)
+
+
+def check_kv_cache_dtype(eng, kv_cache_dtype: str, attention_backend: str | None = None) -> None:
+    """One line naming the offered KV-cache dtypes when `kv_cache_dtype` is not one of them."""
+    offered = eng.kv_cache_dtypes(attention_backend)
+    if kv_cache_dtype not in offered:
+        backend = attention_backend or "its default attention backend"
+        raise DoolyError(f"unknown --kv-cache-dtype {kv_cache_dtype!r} for {eng.name} with {backend}; "
+                         f"offered: {', '.join(offered)}")

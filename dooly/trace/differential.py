@@ -220,7 +220,10 @@ def trace_runs(spec: ModelSpec, engine: str, tensor_parallel_size: int, dtype: s
         cfg_r, tp_r = perturbed_config(spec.config, tensor_parallel_size, r, REDUCED_LAYERS if reduced else None)
         # the perturbed sizes may cross the engine's kernel-dispatch thresholds: pin the real run's kernels
         pinned = {"pinned": real.dispatch} if real.dispatch else {}
-        runs.append(eng.run_trace(cfg_r, tensor_parallel_size=tp_r, dtype=dtype, **kwargs, **pinned))
+        # options that change kernels but no traced shape stay with the real run (a kernel may refuse
+        # a perturbed size, e.g. an FP8 KV cache at a head size it lacks)
+        shaped = {k: v for k, v in kwargs.items() if k not in eng.shape_free_options}
+        runs.append(eng.run_trace(cfg_r, tensor_parallel_size=tp_r, dtype=dtype, **shaped, **pinned))
         param_runs.append(config_params(cfg_r, tp_r))
     maps = [list(range(len(real.ops)))] + [_align(real.ops, r.ops, reduced) for r in runs[1:]]
     convs = [_rename(r) for r in runs]

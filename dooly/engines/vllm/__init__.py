@@ -17,6 +17,7 @@ class VllmEngine(Engine):
     request_vars = ("num_tokens", "num_reqs")
     # vLLM's collectives, and the CPU communicator's shared-memory ops they lower to
     collective_prefixes = ("_C::shm_", "vllm::all_reduce", "vllm::all_gather", "vllm::reduce_scatter")
+    shape_free_options = ("kv_cache_dtype",)  # the KV cache is bound to the layer, not an op argument
     attention_op = "vllm::unified_attention_with_output"
     kv_write_op = "vllm::unified_kv_cache_update"
     log_defaults = {"VLLM_LOGGING_LEVEL": "ERROR", "VLLM_CONFIGURE_LOGGING": "1", "TRANSFORMERS_VERBOSITY": "error"}
@@ -57,6 +58,12 @@ class VllmEngine(Engine):
     def attention_backends(self) -> list[str]:
         self.prepare()
         from dooly.engines.vllm.attention import available_backends
+
+    def kv_cache_dtypes(self, attention_backend: str | None = None) -> list[str]:
+        self.prepare()
+        from dooly.engines.vllm.attention import kv_cache_dtypes
+
+        return kv_cache_dtypes(attention_backend)
 
         return available_backends()
 

@@ -33,10 +33,18 @@ def available_backends() -> list[str]:
     return ["CPU_ATTN"] if current_platform.is_cpu() else ["FLASH_ATTN", "FLASHINFER", "TRITON_ATTN"]
 
 
+def kv_cache_dtypes(backend: str | None = None) -> list[str]:
+    """The KV-cache dtypes `backend` (default: this platform's first) declares it supports."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    name = backend or available_backends()[0]
+    return list(AttentionBackendEnum[name].get_class().supported_kv_cache_dtypes)
+
+
 class AttentionRig:
     def __init__(self, config: dict, dtype: str = "bfloat16", backend: str | None = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 4096, max_model_len: int | None = None,
-                 num_blocks: int | None = None):
+                 num_blocks: int | None = None, kv_cache_dtype: str | None = None):
         from vllm.model_executor.layers.attention.attention import Attention
         from vllm.v1.attention.backends.utils import get_supported_kv_cache_layouts, resolve_kv_cache_layout
         from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec, KVCacheTensor
@@ -53,6 +61,8 @@ class AttentionRig:
             kwargs["max_model_len"] = max_model_len
         if backend:
             kwargs["attention_backend"] = backend
+        if kv_cache_dtype and kv_cache_dtype != "auto":  # the layer and its cache spec follow the engine's config
+            kwargs["kv_cache_dtype"] = kv_cache_dtype
         with tempfile.TemporaryDirectory(prefix="dooly-attn-") as tmp:
             self.cfg = engine_config(write_model_dir(one_layer, Path(tmp)), dtype, **kwargs)
         cfg = self.cfg
@@ -219,7 +229,8 @@ class StatefulProfiler:
             self.rigs.clear()  # one rig (one KV cache) alive at a time
             tokens, seqs = self.limits
             self.rigs[key] = AttentionRig(rig_config(model_config, attrs), self.dtype, attrs.get("backend"),
-                                          max_num_seqs=max(seqs, 1) + 1, max_num_batched_tokens=tokens)
+                                          max_num_seqs=max(seqs, 1) + 1, max_num_batched_tokens=tokens,
+                                          kv_cache_dtype=attrs.get("kv_cache_dtype"))
         return self.rigs[key]
 
     def make_call(self, op: str, model_config: dict, attrs: dict, point: dict[str, int]):
@@ -245,7 +256,8 @@ class StatefulProfiler:
 
 def kv_token_budget(attrs: dict, dtype: str) -> int:
     """Tokens of KV cache an AttentionRig for this layout holds (the same budget the rig applies)."""
-    itemsize = {"bfloat16": 2, "float16": 2, "float32": 4}[dtype]
+    kv = attrs.get("kv_cache_dtype") or "auto"
+    itemsize = 1 if kv.startswith("fp8") else {"bfloat16": 2, "float16": 2, "float32": 4}[dtype]
     block = attrs.get("block_size") or 128
     page = block * 2 * attrs["num_kv_heads"] * attrs["head_size"] * itemsize
     return max(1, KV_BUDGET_BYTES // page - 1) * block

@@ -21,16 +21,13 @@ class VllmScheduler:
         from vllm.utils.hashing import get_hash_fn_by_name
         from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
         from vllm.v1.core.sched.scheduler import Scheduler
-        from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+        from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec
         from vllm.v1.structured_output import StructuredOutputManager
 
         with tempfile.TemporaryDirectory(prefix="dooly-sched-") as tmp:
             self.cfg = cfg = engine_config(write_model_dir(config, Path(tmp)), dtype, **engine_kwargs)
-        heads = config["num_attention_heads"]
         block = cfg.cache_config.block_size
-        spec = FullAttentionSpec(block_size=block, num_kv_heads=config.get("num_key_value_heads") or heads,
-                                 head_size=config.get("head_dim") or config["hidden_size"] // heads,
-                                 dtype=cfg.model_config.dtype)
+        spec = kv_cache_spec(cfg, config)
         if num_blocks is None:  # what the engine gets from the default KV space (dooly's EngineOptions)
             per_block = spec.page_size_bytes * config["num_hidden_layers"]
             num_blocks = int(DEFAULT_OPTIONS.kv_cache_gib * (1 << 30) // per_block)
@@ -83,11 +80,22 @@ class VllmScheduler:
                              sorted(out.preempted_req_ids or ()), first)
 
 
+def kv_cache_spec(cfg, config: dict):
+    """One layer's KV-cache spec as vLLM's attention layer makes it: block size and KV storage dtype
+    (the model's, or `kv_cache_dtype`) from the engine's own config."""
+    from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    heads = config["num_attention_heads"]
+    return FullAttentionSpec(block_size=cfg.cache_config.block_size,
+                             num_kv_heads=config.get("num_key_value_heads") or heads,
+                             head_size=config.get("head_dim") or config["hidden_size"] // heads,
+                             dtype=kv_cache_dtype_str_to_dtype(cfg.cache_config.cache_dtype, cfg.model_config))
+
+
 def resolve_scheduler_settings(config: dict, dtype: str, engine_kwargs: dict) -> dict:
     """The scheduling settings vLLM's engine config resolves for these options, as plain data
     (`dooly.deployment.scheduler_settings` caches them)."""
-    from vllm.v1.kv_cache_interface import FullAttentionSpec
-
     with tempfile.TemporaryDirectory(prefix="dooly-sched-") as tmp:
         cfg = engine_config(write_model_dir(config, Path(tmp)), dtype, **engine_kwargs)
     sc, cc = cfg.scheduler_config, cfg.cache_config
@@ -96,10 +104,7 @@ def resolve_scheduler_settings(config: dict, dtype: str, engine_kwargs: dict) ->
                    "a KV connector": cfg.kv_transfer_config is not None, "LoRA": cfg.lora_config is not None,
                    "a custom scheduler class": sc.scheduler_cls not in (None, "vllm.v1.core.sched.scheduler.Scheduler"),
                    "a finer prefix-cache hash block": cc.hash_block_size not in (None, cc.block_size)}
-    heads = config["num_attention_heads"]
-    spec = FullAttentionSpec(block_size=cc.block_size, num_kv_heads=config.get("num_key_value_heads") or heads,
-                             head_size=config.get("head_dim") or config["hidden_size"] // heads,
-                             dtype=cfg.model_config.dtype)
+    spec = kv_cache_spec(cfg, config)
     names = ("max_num_batched_tokens", "max_num_scheduled_tokens", "max_num_seqs", "max_num_active_seqs",
              "long_prefill_token_threshold", "long_prefill_token_threshold_adaptive", "enable_chunked_prefill",
              "scheduler_reserve_full_isl", "watermark")

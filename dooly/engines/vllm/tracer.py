@@ -104,8 +104,12 @@ def attention_isa(layer, cfg) -> str | None:
         return None
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-    return _get_attn_isa(cfg.model_config.dtype, cfg.cache_config.block_size, layer.head_size,
-                         str(layer.kv_cache_dtype))
+    try:
+        return _get_attn_isa(cfg.model_config.dtype, cfg.cache_config.block_size, layer.head_size,
+                             str(layer.kv_cache_dtype))
+    except NotImplementedError as e:  # e.g. an FP8 KV cache at a head size the CPU kernels lack
+        raise DoolyError(f"vLLM's CPU attention refuses this layer (head_size={layer.head_size}, "
+                         f"kv_cache_dtype={layer.kv_cache_dtype}): {e}") from None
 
 
 def attention_attrs(layer, cfg) -> dict:
@@ -164,7 +168,7 @@ def private_rope_cache():
 
 def run_trace(config: dict, tensor_parallel_size: int = 1, dtype: str = "bfloat16", rank: int = 0,
               hints: tuple[int, int] = (37, 3), attention_backend: str | None = None,
-              pinned: dict | None = None) -> RunResult:
+              pinned: dict | None = None, kv_cache_dtype: str | None = None) -> RunResult:
     """One symbolic engine step (num_tokens tokens, num_reqs requests) through vLLM's model code.
 
     pinned: the kernel choices of another run (`RunResult.dispatch`) to give every linear layer."""
@@ -172,6 +176,8 @@ def run_trace(config: dict, tensor_parallel_size: int = 1, dtype: str = "bfloat1
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     extra = {"attention_backend": attention_backend} if attention_backend else {}
+    if kv_cache_dtype:
+        extra["kv_cache_dtype"] = kv_cache_dtype
     with tempfile.TemporaryDirectory(prefix="dooly-model-") as tmp:
         cfg = engine_config(write_model_dir(config, Path(tmp)), dtype, tensor_parallel_size, **extra)
     arch = config.get("architectures", ["?"])[0]
