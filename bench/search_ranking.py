@@ -12,6 +12,9 @@ Printed: per setting the predicted and measured goodput, every engine run (measu
 percentiles), and both rankings with whether they agree (Kendall's tau).
 The database is profiled (reduced grid) and the overhead calibrated first when it lacks either.
 Run: .venv/bin/python bench/search_ranking.py [--db URL] [--model M] [--setting max_num_seqs=2 ...]
+     [--workload SPEC] [--slo SLO]; the KV-cache dtype ranking (issue #17):
+     --model dooly/tiny-llama-kv-heavy --setting kv_cache_dtype=auto --setting kv_cache_dtype=fp8
+     --workload n=48,prompt=uniform:384:640,output=uniform:32:96,seed=0 --slo ttft_p99=8s
 """
 
 from __future__ import annotations
@@ -43,7 +46,11 @@ def dooly(*args: str) -> str:
 
 def parse_setting(text: str) -> dict:
     name, _, value = text.partition("=")
-    return {name: int(value) if value.isdigit() else value.lower() == "true"}
+    if value.isdigit():
+        return {name: int(value)}
+    if value.lower() in ("true", "false"):
+        return {name: value.lower() == "true"}
+    return {name: value}  # e.g. kv_cache_dtype=fp8
 
 
 def requests_at(rate: float, lengths: tuple, seed: int):
@@ -63,13 +70,17 @@ def kendall_tau(a: list, b: list) -> float:
 
 
 def main() -> None:
+    global WORKLOAD, SLO
     ap = argparse.ArgumentParser()
     ap.add_argument("--db", default=None, help="a profiled, calibrated database (default: a fresh temporary one)")
     ap.add_argument("--model", default="dooly/tiny-llama")
     ap.add_argument("--setting", action="append", default=None, help="NAME=VALUE, repeatable (default: %s)"
                     % ", ".join(SETTINGS))
     ap.add_argument("--repeats", type=int, default=1, help="engine runs per rate (median of their percentiles)")
+    ap.add_argument("--workload", default=WORKLOAD, help="request lengths (the arrivals are the search's)")
+    ap.add_argument("--slo", default=SLO)
     a = ap.parse_args()
+    WORKLOAD, SLO = a.workload, a.slo
     settings = a.setting or list(SETTINGS)
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     print(f"machine: {platform.node()} | {cpu} | {os.cpu_count()} cores | load {os.getloadavg()[0]:.1f} | "
@@ -86,7 +97,8 @@ def main() -> None:
     t0 = time.perf_counter()
     from dooly.api import calibrated
 
-    dooly("profile", a.model, "--grid", "reduced", "--db", url)  # measures only what is missing
+    for kv in sorted({str(parse_setting(s).get("kv_cache_dtype", "auto")) for s in settings}):
+        dooly("profile", a.model, "--grid", "reduced", "--kv-cache-dtype", kv, "--db", url)  # only what is missing
     if not calibrated(url):
         dooly("calibrate", "--db", url)
     print(f"database ready in {time.perf_counter() - t0:.0f} s: {url}", flush=True)

@@ -65,6 +65,7 @@ class WorkloadValidation:
     # (one extra run with every op timed) against their prediction for the same batches, and the
     # rest of a step (measured step - its ops in the engine) against the predicted overhead
     op_split: pd.DataFrame = field(default_factory=pd.DataFrame)
+    num_blocks: int = 0  # KV-cache blocks of each rank, as the running engine reports them (the simulator's too)
 
     def headline(self, target: float = TARGET) -> dict:
         """The errors, raw and speed-corrected, with the noise floor (the engine's run-to-run spread
@@ -258,6 +259,7 @@ def _validate_on(llm, deployment, context, workloads, parsed, step, db, repeats,
         corrected = simulate_deployment(d, requests, db=db, context=context,
                                         time_scale=float(np.median(known))) if known else None
         v = compare(text, runs, predicted, step, corrected, ratios)
+        v.num_blocks = blocks
         if split_ops:
             llm.reset_prefix_cache()
             say(f"{d.model}: {text}: one more run with its ops timed")
