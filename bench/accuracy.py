@@ -29,10 +29,11 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
+
+from common import cpu_name, dooly
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -69,12 +70,6 @@ def azure_workload(folder: str, scale: int) -> str:
     return path
 
 
-def dooly(*args: str) -> None:
-    r = subprocess.run([sys.executable, "-m", "dooly.cli", *args], capture_output=True, text=True)
-    if r.returncode:
-        sys.exit(f"dooly {' '.join(args)} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default=",".join(MODELS))
@@ -92,7 +87,7 @@ def main() -> None:
 
     pd.set_option("display.width", 250)
     pd.set_option("display.max_columns", 30)
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    cpu = cpu_name()
     print(f"machine: {platform.node()} | {cpu} | {os.cpu_count()} cores | OMP threads "
           f"{os.environ['OMP_NUM_THREADS']} | repeats {a.repeats}")
     models = [m for m in a.models.split(",") if m]

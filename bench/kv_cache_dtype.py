@@ -19,22 +19,16 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
 import sys
 import tempfile
-import time
+
+from common import cpu_name, ready_database
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 MODEL = "dooly/tiny-llama-kv-heavy"
 WORKLOAD = "n=32,prompt=uniform:384:640,output=uniform:32:96,arrivals=burst,seed=7"
 KV_DTYPES = ("auto", "fp8")
-
-
-def dooly(*args: str) -> None:
-    r = subprocess.run([sys.executable, "-m", "dooly.cli", *args], capture_output=True, text=True)
-    if r.returncode:
-        sys.exit(f"dooly {' '.join(args)} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
 
 
 def main() -> None:
@@ -45,24 +39,15 @@ def main() -> None:
     a = ap.parse_args()
     import pandas as pd
 
-    from dooly.api import calibrated
-    from dooly.predict.calibrate import CALIBRATION_MODELS
     from dooly.validate import validate
 
     pd.set_option("display.width", 250)
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    cpu = cpu_name()
     print(f"machine: {platform.node()} | {cpu} | {os.cpu_count()} cores | OMP threads "
           f"{os.environ['OMP_NUM_THREADS']} | model {MODEL} | workload {a.workload} | repeats {a.repeats}", flush=True)
     tmp = tempfile.mkdtemp(prefix="dooly-kvdtype-")
     url = a.db or f"sqlite:///{tmp}/latency.db"
-    t0 = time.perf_counter()
-    for kv in KV_DTYPES:
-        dooly("profile", MODEL, "--grid", "reduced", "--kv-cache-dtype", kv, "--db", url)
-    if not calibrated(url):
-        for m in CALIBRATION_MODELS:
-            dooly("profile", m, "--grid", "reduced", "--db", url)
-        dooly("calibrate", "--db", url)
-    print(f"database ready in {time.perf_counter() - t0:.0f} s: {url}", flush=True)
+    print(f"database ready in {ready_database(url, MODEL, KV_DTYPES):.0f} s: {url}", flush=True)
     rows, e2e, thr = [], {}, {}
     for kv in KV_DTYPES:
         v, = validate(MODEL, [a.workload], db=url, repeats=a.repeats, kv_cache_dtype=kv,

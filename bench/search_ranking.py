@@ -23,10 +23,10 @@ import argparse
 import json
 import os
 import platform
-import subprocess
-import sys
 import tempfile
 import time
+
+from common import cpu_name, dooly, ready_database
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -34,14 +34,6 @@ WORKLOAD = "n=100,prompt=uniform:32:512,output=uniform:16:128,seed=0"
 SLO = "ttft_p99=500ms,tpot_p99=50ms"
 SETTINGS = ("max_num_seqs=2", "max_num_seqs=4", "max_num_seqs=32")
 LADDER = tuple(round(1.0 * 1.25 ** k, 3) for k in range(14))  # 1 .. 18.2 requests/s
-DOOLY = [sys.executable, "-m", "dooly.cli"]
-
-
-def dooly(*args: str) -> str:
-    r = subprocess.run([*DOOLY, *args], capture_output=True, text=True)
-    if r.returncode not in (0, 3):
-        sys.exit(f"dooly {' '.join(args)} failed: {r.stderr.strip().splitlines()[-1:]}")
-    return r.stdout
 
 
 def parse_setting(text: str) -> dict:
@@ -82,7 +74,7 @@ def main() -> None:
     a = ap.parse_args()
     WORKLOAD, SLO = a.workload, a.slo
     settings = a.setting or list(SETTINGS)
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    cpu = cpu_name()
     print(f"machine: {platform.node()} | {cpu} | {os.cpu_count()} cores | load {os.getloadavg()[0]:.1f} | "
           f"model {a.model} | workload {WORKLOAD} | SLO {SLO}", flush=True)
 
@@ -94,14 +86,8 @@ def main() -> None:
 
     tmp = tempfile.mkdtemp(prefix="dooly-ranking-")
     url = a.db or f"sqlite:///{tmp}/latency.db"
-    t0 = time.perf_counter()
-    from dooly.api import calibrated
-
-    for kv in sorted({str(parse_setting(s).get("kv_cache_dtype", "auto")) for s in settings}):
-        dooly("profile", a.model, "--grid", "reduced", "--kv-cache-dtype", kv, "--db", url)  # only what is missing
-    if not calibrated(url):
-        dooly("calibrate", "--db", url)
-    print(f"database ready in {time.perf_counter() - t0:.0f} s: {url}", flush=True)
+    kv_dtypes = sorted({str(parse_setting(s).get("kv_cache_dtype", "auto")) for s in settings})
+    print(f"database ready in {ready_database(url, a.model, kv_dtypes):.0f} s: {url}", flush=True)
 
     # 1. dooly search
     grid = {}
@@ -111,7 +97,7 @@ def main() -> None:
     grid_args = [x for k, vs in grid.items() for x in ("--grid", f"{k}={','.join(vs)}")]
     t0 = time.perf_counter()
     found = json.loads(dooly("search", a.model, "--workload", WORKLOAD, "--slo", SLO, *grid_args, "--db", url,
-                             "--no-ray", "--json"))
+                             "--no-ray", "--json", ok=(0, 3)))
     search_s = time.perf_counter() - t0
     rows = found["configs"]
     predicted = {}
