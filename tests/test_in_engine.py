@@ -43,7 +43,7 @@ def test_residency_follows_the_models_gemm_weights(tiny_llama_trace):
     from dooly.catalog import resolve
     from dooly.engine_interface import get_engine
     from dooly.predict.in_engine import residency, weight_bytes
-    from dooly.profile.timing import LLC
+    from dooly.profile.environment import LLC
     from dooly.trace import trace_model
 
     vllm = get_engine("vllm")

@@ -92,3 +92,37 @@ def test_unknown_kv_cache_dtype_is_one_line_and_writes_nothing(profiled_copy, tm
     with pytest.raises(DoolyError, match="kv_cache_dtype=fp9: the engine offers auto, fp8"):
         parse_grid(["kv_cache_dtype=auto,fp9"])
     assert parse_grid(["kv_cache_dtype=auto,fp8"]) == {"kv_cache_dtype": ("auto", "fp8")}
+
+
+def test_engine_weights_have_a_checkpoints_scale(tiny_llama_engine, tiny_llama):
+    """vLLM's dummy weights (+-1e-3, norms included) shrink keys to ~1e-6, where an FP8 KV write takes a
+    slow path no real model takes; the engines dooly starts draw weights at the config's scale."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dooly.engine_interface import get_engine
+    from dooly.engines.vllm.engine import _model_methods, model_runner
+    from dooly.trace.recorder import op_name
+    from dooly.workload import parse_workload
+
+    keys = []
+
+    class Keys(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if op_name(func) == "vllm::unified_kv_cache_update":
+                keys.append(float(args[0].float().abs().mean()))
+            return func(*args, **(kwargs or {}))
+
+    model = model_runner(tiny_llama_engine).model
+    forward = model.forward
+
+    def watched(*args, **kwargs):
+        with Keys():
+            return forward(*args, **kwargs)
+
+    with _model_methods(model, watched, model.compute_logits):
+        get_engine("vllm").serve(tiny_llama_engine, parse_workload("n=1,prompt=32,output=2,arrivals=burst"),
+                                 tiny_llama.config["vocab_size"])
+    assert keys and min(keys) > 0.01 and max(keys) < 100  # O(1) keys, as a checkpoint's
+    norms = [m.weight for m in model.modules() if "norm" in type(m).__name__.lower() and hasattr(m, "weight")]
+    assert norms and all(torch.all(w == 1) for w in norms)

@@ -80,15 +80,17 @@ def weight_bytes(trace, engine) -> int:
     return total
 
 
-def _itemsize(dtype: str) -> int:
-    import torch
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1, "int8": 1, "uint8": 1,
+             "int32": 4, "int64": 8}
 
-    return getattr(torch, dtype).itemsize
+
+def _itemsize(dtype: str) -> int:
+    return _ITEMSIZE.get(dtype, 2)
 
 
 def residency(trace, engine) -> float:
     """Share of the model's GEMM weights this machine's last-level cache can hold (1 when they fit)."""
-    from dooly.profile.timing import LLC
+    from dooly.profile.environment import LLC
 
     total = weight_bytes(trace, engine)
     return 1.0 if total <= LLC else LLC / total

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+from pathlib import Path
 
 from dooly.db.records import Environment
 
@@ -29,6 +30,22 @@ def _cpu_info() -> tuple[str, str]:
     except OSError:
         pass
     return name, ",".join(f for f in _ISA_FLAGS if f in flags)
+
+
+def last_level_cache_bytes() -> int:
+    """This machine's largest cache (sysfs), bytes; 32 MiB when sysfs does not say."""
+    best = 0
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
+        best = max(best, int(text.rstrip("KMG")) * scale)
+    return best or 32 << 20
+
+
+LLC = last_level_cache_bytes()
 
 
 def default_threads(tensor_parallel_size: int = 1) -> int:

@@ -19,11 +19,11 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from dooly.profile.environment import LLC  # the machine's last-level cache, bytes
 from dooly.profile.replay import Call
 
 ROTATE_FACTOR = 4
@@ -33,21 +33,6 @@ EVICT_BYTES = 4 << 20
 MEMORY_CAP = 3 << 30  # bytes of input copies at most
 TARGET_S = 0.2
 NOISY = 0.20
-
-
-def last_level_cache_bytes() -> int:
-    best = 0
-    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-        try:
-            text = (index / "size").read_text().strip()
-        except OSError:
-            continue
-        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
-        best = max(best, int(text.rstrip("KMG")) * scale)
-    return best or 32 << 20
-
-
-LLC = last_level_cache_bytes()
 
 
 @dataclass

@@ -59,13 +59,13 @@ class VllmEngine(Engine):
         self.prepare()
         from dooly.engines.vllm.attention import available_backends
 
+        return available_backends()
+
     def kv_cache_dtypes(self, attention_backend: str | None = None) -> list[str]:
         self.prepare()
         from dooly.engines.vllm.attention import kv_cache_dtypes
 
         return kv_cache_dtypes(attention_backend)
-
-        return available_backends()
 
     def run_trace(self, config, tensor_parallel_size=1, dtype="bfloat16", pinned=None, **options):
         self.prepare()

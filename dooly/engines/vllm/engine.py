@@ -59,8 +59,52 @@ def start_engine(config: dict, dtype: str = "bfloat16", kv_cache_gib: int = 1, t
     vllm.envs.disable_envs_cache()
 
     folder = write_model_dir(config, Path(tempfile.mkdtemp(prefix="dooly-engine-")))
-    return LLM(model=str(folder), skip_tokenizer_init=True, load_format="dummy", dtype=dtype,
-               enforce_eager=True, **engine_kwargs)
+    with checkpoint_scale_weights(config.get("initializer_range", 0.02)):
+        return LLM(model=str(folder), skip_tokenizer_init=True, load_format="dummy", dtype=dtype,
+                   enforce_eager=True, **engine_kwargs)
+
+
+@contextlib.contextmanager
+def checkpoint_scale_weights(std: float, seed: int = 1234):
+    """Inside the block, vLLM's dummy weights get the scale of a real model's.
+
+    vLLM's dummy loader draws every tensor uniform in +-1e-3, norm weights included, so activations
+    shrink layer after layer: the keys a tiny Llama writes to its KV cache average ~1e-6, a range no
+    checkpoint produces. Kernels whose time depends on values then run paths a real deployment
+    does not take (an FP8 KV-cache write here: 3x slower on values that small). After vLLM's own
+    pass, and before its weight post-processing (packing), floating weights are drawn as transformers
+    initialises a model: matrices normal with the config's `initializer_range`, norm weights 1,
+    biases 0; scales and non-float tensors keep vLLM's values. In-process workers only: a TP>1
+    engine's workers (their own processes) keep vLLM's dummy weights.
+    """
+    import torch
+    from vllm.model_executor.model_loader.dummy_loader import DummyModelLoader
+
+    original = DummyModelLoader.load_weights
+
+    @torch.no_grad()
+    def load_weights(self, model, model_config):
+        original(self, model, model_config)
+        generator = torch.Generator().manual_seed(seed)
+        for layer in model.modules():
+            norm = "norm" in type(layer).__name__.lower()
+            tensors = list(layer.named_parameters(recurse=False)) + [
+                (n, b) for n, b in layer.named_buffers(recurse=False) if n not in layer._non_persistent_buffers_set]
+            for name, t in tensors:
+                if t.device.type == "meta" or not torch.is_floating_point(t) or "scale" in name:
+                    continue
+                if norm and name == "weight":
+                    t.fill_(1.0)
+                elif t.dim() >= 2:
+                    t.copy_(torch.randn(t.shape, generator=generator) * std)
+                else:
+                    t.zero_()
+
+    DummyModelLoader.load_weights = load_weights
+    try:
+        yield
+    finally:
+        DummyModelLoader.load_weights = original
 
 
 # the process state start_engine changes (environment variables vLLM reads at start-up)
