@@ -33,6 +33,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 WORKLOAD = "n=100,prompt=uniform:32:512,output=uniform:16:128,seed=0"
 SLO = "ttft_p99=500ms,tpot_p99=50ms"
 SETTINGS = ("max_num_seqs=2", "max_num_seqs=4", "max_num_seqs=32")
+ENGINE_KV_GIB = 1  # each real engine's KV space; the search simulates the same (it matters once KV is the limit)
 LADDER = tuple(round(1.0 * 1.25 ** k, 3) for k in range(14))  # 1 .. 18.2 requests/s
 
 
@@ -94,6 +95,7 @@ def main() -> None:
     for s in settings:
         for k, v in parse_setting(s).items():
             grid.setdefault(k, []).append(str(v).lower())
+    grid.setdefault("kv_cache_gib", [str(ENGINE_KV_GIB)])  # the KV space the real engines below get
     grid_args = [x for k, vs in grid.items() for x in ("--grid", f"{k}={','.join(vs)}")]
     t0 = time.perf_counter()
     found = json.loads(dooly("search", a.model, "--workload", WORKLOAD, "--slo", SLO, *grid_args, "--db", url,
@@ -114,7 +116,7 @@ def main() -> None:
     measured, runs = {}, []
     for s in settings:
         opts = parse_setting(s)
-        llm = start_engine(spec.config, kv_cache_gib=1, **opts)
+        llm = start_engine(spec.config, kv_cache_gib=ENGINE_KV_GIB, **opts)
         try:
             lo, hi = -1, len(LADDER)
             while hi - lo > 1:
