@@ -465,9 +465,8 @@ def _manifest(model, trace, env, url, parts, unplaced, mlp, attention, all_reduc
     if predictor.model(OVERHEAD_SIG) is not None:
         not_represented.append({"module": "(engine)", "op": "per-step overhead (dooly calibrate)", "count": 1,
                                 "reason": "Vidur 0.0.26 has no per-step CPU overhead term"})
-    kv_dtypes = {dict(o.attrs).get("kv_cache_dtype") for o in trace.ops} - {None, "auto"}
-    if kv_dtypes:
-        not_represented.append({"module": "model.layers.*.self_attn.attn", "op": f"KV cache in {kv_dtypes.pop()}",
+    if trace.kv_cache_dtype:
+        not_represented.append({"module": "model.layers.*.self_attn.attn", "op": f"KV cache in {trace.kv_cache_dtype}",
                                 "count": 1, "reason": "Vidur 0.0.26 has no precision axis: the attention rows are "
                                 "this KV dtype's measured kernels and --cache_config_num_blocks is the blocks it "
                                 "gives, but Vidur's own memory planning would assume the model dtype"})

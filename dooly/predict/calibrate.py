@@ -17,8 +17,6 @@ Both are written in one transaction: an interrupted calibration leaves the datab
 from __future__ import annotations
 
 import time
-from collections import defaultdict
-
 import pandas as pd
 
 from dooly.deployment import Deployment
@@ -73,16 +71,10 @@ def _step_predictors(database, env, deployments, traces):
 
 
 def _family_samples(engine, steps, timed, isolated, resident: float) -> list:
-    from dooly.predict.in_engine import RatioSample
+    from dooly.predict.in_engine import RatioSample, family_times
 
-    if len(steps) != len(timed):
-        raise DoolyError(f"the engine served {len(steps)} steps but ran its model {len(timed)} times: "
-                         "cannot pair in-engine op times with steps")
     out = []
-    for s, ops in zip(steps, timed):
-        in_engine: dict[str, float] = defaultdict(float)
-        for op, (us, _calls) in ops.items():
-            in_engine[engine.op_family(op)] += us
+    for s, in_engine in zip(steps, family_times(engine, steps, timed)):
         for family, predicted_us in isolated(s.batch).by_family.items():
             if family != FREE:
                 out.append(RatioSample(family, s.batch.num_tokens, in_engine.get(family, 0.0), predicted_us, resident))
@@ -128,12 +120,13 @@ def calibrate(db: str | None = None, models=CALIBRATION_MODELS, dtype: str = "bf
                                    **d.engine_kwargs()) as llm:
             engine.serve(llm, warmup, vocab)
             if d.tensor_parallel_size == 1:
+                resident = residency(trace, engine)
                 for _ in range(TIMED_REPEATS):
                     for w in probes:
                         llm.reset_prefix_cache()
                         with engine.time_ops(llm) as timed:
                             steps = engine.serve(llm, w, vocab)[1]
-                        samples += _family_samples(engine, steps, timed, iso, residency(trace, engine))
+                        samples += _family_samples(engine, steps, timed, iso, resident)
             steps = []
             for _ in range(WALL_REPEATS):
                 for w in probes + [mixed]:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dooly.db import LatencyDB, Measurement, parse_point, point_key
+from dooly.errors import DoolyError
 from dooly.records import OP_FAMILIES
 
 RATIO_OP = "dooly::in_engine_ratio"
@@ -94,6 +95,21 @@ def residency(trace, engine) -> float:
 
     total = weight_bytes(trace, engine)
     return 1.0 if total <= LLC else LLC / total
+
+
+def family_times(engine, steps: list, timed: list) -> list[dict[str, float]]:
+    """Per served step, its ops' in-engine microseconds summed per family (`timed`: the engine's
+    `time_ops` tables, one per model step, paired with `steps` in order)."""
+    if len(steps) != len(timed):
+        raise DoolyError(f"the engine served {len(steps)} steps but ran its model {len(timed)} times: "
+                         "cannot pair in-engine op times with steps")
+    out = []
+    for ops in timed:
+        by_family: dict[str, float] = defaultdict(float)
+        for op, (us, _calls) in ops.items():
+            by_family[engine.op_family(op)] += us
+        out.append(dict(by_family))
+    return out
 
 
 def size_bin(num_tokens: int) -> int:

@@ -73,11 +73,13 @@ class Predictor:
             self._att[signature] = hit
         return hit
 
-    def _require(self, signature: str, model_name: str, op: str, flags: str = ""):
+    def _require(self, signature: str, model_name: str, op: str, command=None):
+        """The signature's regressor; a missing one fails naming `command()` (the `dooly profile` call
+        that fills it; default: profile the model)."""
         m = self.model(signature)
         if m is None:
             what = f"{op} ({signature[:8]})" if op else signature
             who = f" of {model_name}" if model_name else ""
-            raise DoolyError(f"no measurements for {what}{who} in this environment; fill them with: "
-                             f"dooly profile {model_name or 'MODEL'}{flags} --db {self.db.url}")
+            fill = command() if command else f"dooly profile {model_name or 'MODEL'} --db {self.db.url}"
+            raise DoolyError(f"no measurements for {what}{who} in this environment; fill them with: {fill}")
         return m

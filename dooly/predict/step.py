@@ -61,7 +61,7 @@ class StepPredictor:
                 self._attention.append((g.count, eng.op_family(g.op), g.signature, g.op))
             else:
                 self._by_counts.append((g.count, kind, eng.op_family(g.op), g.signature, g.op))
-            predictor._require(g.signature, trace.model, g.op, self._profile_flags())  # fails here, once
+            predictor._require(g.signature, trace.model, g.op, self._profile_command)  # fails here, once
         # the in-engine/isolated ratio per op family: the environment's (True; None if not calibrated),
         # none (False), or these (an InEngineRatios)
         self._ratios = in_engine if not isinstance(in_engine, bool) else None
@@ -75,16 +75,14 @@ class StepPredictor:
 
             self._overhead = predictor.model(OVERHEAD_SIG)
         self._memo: dict[tuple[int, int], tuple] = {}
-
-    def _profile_flags(self) -> str:
-        """The `dooly profile` flags that trace this model as traced here (TP degree, KV-cache dtype)."""
-        t = self.trace
-        kv = {dict(o.attrs).get("kv_cache_dtype") for o in t.ops} - {None, "auto"}
-        return ((f" --tp {t.tensor_parallel_size}" if t.tensor_parallel_size > 1 else "")
-                + (f" --kv-cache-dtype {kv.pop()}" if kv else ""))
+        self._ratio_memo: dict[tuple[str, int], float] = {}
 
     def _profile_command(self) -> str:
-        return f"dooly profile {self.trace.model} --tp {self.trace.tensor_parallel_size} --db {self.predictor.db.url}"
+        """The `dooly profile` command that measures this model as traced here (TP degree, KV-cache dtype)."""
+        t = self.trace
+        flags = ((f" --tp {t.tensor_parallel_size}" if t.tensor_parallel_size > 1 else "")
+                 + (f" --kv-cache-dtype {t.kv_cache_dtype}" if t.kv_cache_dtype else ""))
+        return f"dooly profile {t.model}{flags} --db {self.predictor.db.url}"
 
     def _check_group_size(self) -> None:
         """A rank's ops and its collectives were measured for one tensor-parallel degree: the trace's."""
@@ -142,7 +140,13 @@ class StepPredictor:
                               self._overhead is not None, bool(self._ratios))
 
     def _ratio(self, family: str, num_tokens: int) -> float:
-        return self._ratios(family, num_tokens) if self._ratios else 1.0
+        if not self._ratios:
+            return 1.0
+        key = (family, num_tokens)  # attention asks every step: one interpolation per size
+        hit = self._ratio_memo.get(key)
+        if hit is None:
+            hit = self._ratio_memo[key] = self._ratios(family, num_tokens)
+        return hit
 
 
 def predict_step(trace: Trace, predictor: Predictor, batch: Batch, overhead: bool = True,

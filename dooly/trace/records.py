@@ -139,6 +139,12 @@ class Trace:
                                    op.attrs, op.signature_text)
         return list(out.values())
 
+    @property
+    def kv_cache_dtype(self) -> str | None:
+        """The KV-cache dtype its attention ops were traced with; None for the model's own ("auto")."""
+        found = {dict(o.attrs).get("kv_cache_dtype") for o in self.ops} - {None, "auto"}
+        return found.pop() if found else None
+
     def signatures(self) -> set[str]:
         return {op.signature for op in self.ops}
 

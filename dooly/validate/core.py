@@ -166,16 +166,12 @@ def op_split(timed_steps: list, timed_ops: list, measured: pd.DataFrame, step_pr
     """Per step type and op family: mean in-engine ms per step (`timed_steps` with their `timed_ops`)
     vs predicted ms for the same batches; the row "rest" is the mean measured step (`measured`, the
     untimed runs) minus the mean in-engine ops, against the predicted overhead."""
-    if len(timed_steps) != len(timed_ops):
-        raise DoolyError(f"the engine served {len(timed_steps)} steps but ran its model {len(timed_ops)} times")
+    from dooly.predict.in_engine import family_times
+
     rows = []
-    for s, ops in zip(timed_steps, timed_ops):
+    for s, in_engine in zip(timed_steps, family_times(engine, timed_steps, timed_ops)):
         kind = step_type(s.batch.query_lens)
         p = step_predictor(s.batch)
-        in_engine: dict = {}
-        for op, (us, _calls) in ops.items():
-            family = engine.op_family(op)
-            in_engine[family] = in_engine.get(family, 0.0) + us
         for family in sorted((set(in_engine) | set(p.by_family)) - {FREE}):
             rows.append({"type": kind, "family": family, "in_engine_ms": in_engine.get(family, 0.0) / 1e3,
                          "predicted_ms": p.by_family.get(family, 0.0) / 1e3})

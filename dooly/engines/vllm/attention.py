@@ -256,8 +256,10 @@ class StatefulProfiler:
 
 def kv_token_budget(attrs: dict, dtype: str) -> int:
     """Tokens of KV cache an AttentionRig for this layout holds (the same budget the rig applies)."""
+    from vllm.utils.torch_utils import STR_DTYPE_TO_TORCH_DTYPE
+
     kv = attrs.get("kv_cache_dtype") or "auto"
-    itemsize = 1 if kv.startswith("fp8") else {"bfloat16": 2, "float16": 2, "float32": 4}[dtype]
+    itemsize = STR_DTYPE_TO_TORCH_DTYPE[dtype if kv == "auto" else kv].itemsize  # vLLM's own name -> dtype
     block = attrs.get("block_size") or 128
     page = block * 2 * attrs["num_kv_heads"] * attrs["head_size"] * itemsize
     return max(1, KV_BUDGET_BYTES // page - 1) * block
