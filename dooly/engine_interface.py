@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,6 +90,7 @@ class Engine:
     kv_write_op: str | None = None  # its stateful KV-cache write op, if it has one
 
     log_defaults: dict = {}  # environment variables its libraries read at import (log levels); a user's win
+    loggers: dict = {}  # logger name -> the variable holding its level (set before the library logs)
 
     def prepare(self) -> None:
         """What its members do before importing the engine's libraries: quieter logs unless the user
@@ -101,6 +103,11 @@ class Engine:
                              f"(--engine {'hf' if self.name == 'vllm' else 'vllm'})")
         for key, value in self.log_defaults.items():
             os.environ.setdefault(key, value)
+        for logger, key in self.loggers.items():
+            # a library may log at import, before it configures its loggers from its variable
+            level = os.environ.get(key, "")
+            if level.isalpha():
+                logging.getLogger(logger).setLevel(level.upper())
 
     def version(self) -> str:
         raise NotImplementedError

@@ -20,7 +20,10 @@ class VllmEngine(Engine):
     shape_free_options = ("kv_cache_dtype",)  # the KV cache is bound to the layer, not an op argument
     attention_op = "vllm::unified_attention_with_output"
     kv_write_op = "vllm::unified_kv_cache_update"
-    log_defaults = {"VLLM_LOGGING_LEVEL": "ERROR", "VLLM_CONFIGURE_LOGGING": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    # vLLM's log lines (to stderr, and only its critical ones): dooly says what went wrong in one line of its own
+    log_defaults = {"VLLM_LOGGING_LEVEL": "CRITICAL", "VLLM_LOGGING_STREAM": "ext://sys.stderr",
+                    "VLLM_CONFIGURE_LOGGING": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    loggers = {"vllm": "VLLM_LOGGING_LEVEL"}
     gemm_ops = ("_C::onednn_mm", "_C::weight_packed_linear", "zentorch::zentorch_linear_unary", "aten::linear",
                 "aten::mm", "aten::addmm", "_C::cpu_fused_moe", "_C::fused_experts_cpu",
                 "_C::int8_scaled_mm_with_quant", "_C::onednn_scaled_mm")

@@ -135,6 +135,9 @@ class CollectiveProfiler:
             self.ranks = [RankInfo(**r["ready"]) for r in self._replies(START_TIMEOUT_S)]
         except DoolyError as e:
             self._fail(f"could not start the tensor-parallel group: {e}")
+        except BaseException:  # e.g. interrupted while the ranks start: none of them, nor the folder, stays
+            self._kill()
+            raise
         # measurements must be of what the environment key names: the shm communicator, `threads` per rank
         fallback = [r.rank for r in self.ranks if r.transport != SHM_TRANSPORT]
         if fallback:
@@ -247,6 +250,17 @@ def _remove_orphaned_segments() -> None:
     _remove_segments(orphaned)
 
 
+def check_group(world_size: int, threads: int) -> None:
+    """Refuse, before anything is measured, a group this machine cannot bind: `world_size` ranks of
+    `threads` distinct cores each (unless VLLM_CPU_OMP_THREADS_BIND names the cores itself)."""
+    if os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") not in ("", "auto"):
+        return
+    cpus = os.sched_getaffinity(0)
+    if len(cpus) < world_size * threads:
+        raise DoolyError(f"{world_size} ranks x {threads} threads need {world_size * threads} cores; "
+                         f"this process may use {len(cpus)}")
+
+
 def _omp_manager(world_size: int, threads: int):
     """vLLM's per-worker OpenMP binding for a TP group of `world_size` on this machine.
 
@@ -260,10 +274,8 @@ def _omp_manager(world_size: int, threads: int):
     given = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")
     bind = given
     if given in ("", "auto"):
+        check_group(world_size, threads)
         cpus = sorted(os.sched_getaffinity(0))
-        if len(cpus) < world_size * threads:
-            raise DoolyError(f"{world_size} ranks x {threads} threads need {world_size * threads} cores; "
-                             f"this process may use {len(cpus)}")
         bind = "|".join(",".join(str(c) for c in cpus[r * threads:(r + 1) * threads]) for r in range(world_size))
     cfg = VllmConfig(parallel_config=ParallelConfig(tensor_parallel_size=world_size))
     saved = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 from dooly.engines.vllm.setup import write_model_dir
@@ -59,9 +61,18 @@ def start_engine(config: dict, dtype: str = "bfloat16", kv_cache_gib: int = 1, t
     vllm.envs.disable_envs_cache()
 
     folder = write_model_dir(config, Path(tempfile.mkdtemp(prefix="dooly-engine-")))
-    with checkpoint_scale_weights(config.get("initializer_range", 0.02)):
-        return LLM(model=str(folder), skip_tokenizer_init=True, load_format="dummy", dtype=dtype,
-                   enforce_eager=True, **engine_kwargs)
+    try:
+        with checkpoint_scale_weights(config.get("initializer_range", 0.02)):
+            llm = LLM(model=str(folder), skip_tokenizer_init=True, load_format="dummy", dtype=dtype,
+                      enforce_eager=True, **engine_kwargs)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    # vLLM may read the model folder again while the engine runs (e.g. generation_config.json for
+    # default sampling parameters): it goes at `stop_engine`, or when the engine is collected or
+    # the process exits, whichever comes first
+    llm._dooly_remove_model_dir = weakref.finalize(llm, shutil.rmtree, folder, ignore_errors=True)
+    return llm
 
 
 @contextlib.contextmanager
@@ -139,7 +150,8 @@ def running_engine(config: dict, dtype: str = "bfloat16", kv_cache_gib: int = 1,
 
 
 def stop_engine(llm) -> None:
-    """Shut the engine down now (its TP worker processes included), not whenever it is collected.
+    """Shut the engine down now (its TP worker processes included), not whenever it is collected,
+    and remove the model folder `start_engine` wrote.
 
     The process-wide parallel groups stay: vLLM's in-process EngineCore destroys them on shutdown,
     but every in-process engine of this process shares them (vLLM reuses groups of the same sizes),
@@ -150,6 +162,9 @@ def stop_engine(llm) -> None:
     if core is not None and hasattr(core, "shutdown"):
         with _process_groups_kept():
             core.shutdown()
+    remove_model_dir = getattr(llm, "_dooly_remove_model_dir", None)
+    if remove_model_dir is not None:
+        remove_model_dir()
     gc.collect()
 
 

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import functools
 import json
 import logging
-import os
-import shutil
-import tempfile
+import re
 from pathlib import Path
 
 from dooly.errors import DoolyError
@@ -20,15 +16,6 @@ def quiet_logs() -> None:
     from dooly.engines.vllm import ENGINE
 
     ENGINE.prepare()
-
-
-@functools.lru_cache(maxsize=None)
-def world_dir() -> str:
-    """The folder of this process's one-process world (its file store), made on first use and
-    removed when the process exits."""
-    path = tempfile.mkdtemp(prefix="dooly-vllm-")
-    atexit.register(shutil.rmtree, path, ignore_errors=True)
-    return path
 
 
 def write_model_dir(config: dict, folder: Path) -> Path:
@@ -54,11 +41,22 @@ def engine_config(model_dir: Path, dtype: str, tensor_parallel_size: int = 1, **
         with _quiet():
             return args.create_engine_config(UsageContext.LLM_CLASS)
     except Exception as e:  # vLLM validates the config; surface its message on one line
-        raise DoolyError(f"vLLM rejected the model config: {config_error(e)}") from e
+        raise DoolyError(f"vLLM rejected the model config: {config_error(e, model_dir)}") from e
 
 
-def config_error(e: Exception) -> str:
-    """The useful line of vLLM's config error (pydantic's messages, not its footer)."""
+def config_error(e: Exception, model_dir: Path | None = None) -> str:
+    """The useful line of vLLM's config error (pydantic's messages, not its footer), without what
+    means nothing to the user (the temporary model folder, the list of every architecture)."""
+    text = _config_error_text(e)
+    if "trust_remote_code" in text:
+        return ("the config names code from the model's own repository (auto_map / an unknown model_type: "
+                "trust_remote_code), which dooly does not run")
+    text = re.sub(r"\s*Supported architectures: dict_keys\(\[.*?\]\)\.?", " (see vLLM's list of supported models)",
+                  text)
+    return text.replace(str(model_dir), "the model folder") if model_dir is not None else text
+
+
+def _config_error_text(e: Exception) -> str:
     errors = getattr(e, "errors", None)
     if callable(errors):
         try:
@@ -96,16 +94,20 @@ def private_world():
     it, and the block's groups are destroyed. vLLM creates some groups (e.g. expert parallel) only
     for configs that need them, so they are made anew for every block. The process group itself is
     initialised once per process (by whichever comes first) and shared: both are worlds of one.
+    Ours keeps its store in memory: a file store's folder would outlive every process that exits
+    without running exit handlers (a Ray worker, a killed profiler).
     """
     quiet_logs()
+    import torch.distributed as dist
     from vllm.distributed import parallel_state as ps
 
     saved = {name: getattr(ps, name) for name in _GROUPS if hasattr(ps, name)}
     for name in saved:
         setattr(ps, name, None)
     try:
-        ps.init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
-                                        distributed_init_method=f"file://{world_dir()}/world")
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        ps.init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo")
         ps.ensure_model_parallel_initialized(1, 1)
         yield
     finally:
