@@ -76,7 +76,7 @@ def pg_url():
 
     url = os.environ.get("DOOLY_TEST_PG_URL", "postgresql+psycopg://dooly:dooly@127.0.0.1:5432/dooly_test")
     try:
-        db = LatencyDB(url, create=False)
+        db = LatencyDB(url)
     except DoolyError:
         if os.environ.get("CI"):
             pytest.fail("PostgreSQL is required in CI (scripts/postgres.sh starts it)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -36,40 +37,57 @@ def _one_line(e: Exception) -> str:
     return msg[0] if msg else type(e).__name__
 
 
+def redact(url: str) -> str:
+    """The URL as dooly shows it: a password is never echoed."""
+    return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", url)
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+class NoDatabase(DoolyError):
+    """The URL holds no dooly database yet (no file, an empty one, an in-memory one)."""
+
+
+def _check_sqlite_file(path: Path, create: bool) -> None:
+    """Refuse an existing file that is not an SQLite database, or (for a reader) an empty one, from
+    its first bytes. (An empty file is an empty SQLite database: a writer may fill it.)"""
+    with open(path, "rb") as f:
+        head = f.read(len(SQLITE_HEADER))
+    if not head and not create:
+        raise NoDatabase(f"{path} is an empty file, not a dooly database (run `dooly profile` first)")
+    if head and head != SQLITE_HEADER:
+        raise DoolyError(f"{path} is not an SQLite database; use another --db")
+
+
 class LatencyDB:
-    """A handle on one latency database URL."""
+    """A handle on one latency database URL.
+
+    create=True: a writer (profile, calibrate) that may create the database and its tables.
+    create=False: the database must exist and hold dooly's schema; a read-only SQLite file is opened
+    read-only (`writable` is False and writes are refused).
+    Nothing is written to a database before it is accepted: an SQLite file is inspected read-only
+    first, and only a writer switches it to write-ahead logging.
+    """
 
     def __init__(self, url: str | None = None, *, create: bool = True):
-        self.url = url or default_url()
+        if url is not None and not url.strip():
+            raise DoolyError("empty database URL: give sqlite:///PATH or postgresql+psycopg://... "
+                             f"(or leave --db out for $DOOLY_DB / the default)")
+        self.url = default_url() if url is None else url
+        self.shown_url = redact(self.url)
+        self.writable = True
         self.engine = self._connect(create)
 
     # -- opening ---------------------------------------------------------------------------------
     def _connect(self, create: bool) -> Engine:
         url = self.url
         if not (url.startswith("sqlite:") or url.startswith("postgresql:") or url.startswith("postgresql+")):
-            raise DoolyError(f"malformed database URL {url!r}: use sqlite:///PATH or postgresql+psycopg://...")
+            raise DoolyError(f"malformed database URL {self.shown_url!r}: use sqlite:///PATH or "
+                             f"postgresql+psycopg://...")
         try:
             if url.startswith("sqlite"):
-                path = url.split(":///", 1)[1] if ":///" in url else ""
-                if path and path != ":memory:":
-                    p = Path(path).expanduser()
-                    # mode bits too: root may write anything, but a file marked read-only is not ours to change
-                    if p.exists() and (not os.access(p, os.W_OK) or not p.stat().st_mode & 0o222):
-                        raise DoolyError(f"database file {p} is read-only")
-                    if not p.exists():
-                        if not create:
-                            raise DoolyError(f"no database at {p} (run `dooly profile` first)")
-                        if p.parent.exists() and not os.access(p.parent, os.W_OK):
-                            raise DoolyError(f"cannot create database {p}: folder is read-only")
-                        p.parent.mkdir(parents=True, exist_ok=True)
-                engine = create_engine(url, connect_args={"timeout": 60})
-
-                @event.listens_for(engine, "connect")
-                def _sqlite_pragmas(dbapi_conn, _record):  # concurrent readers + one writer at a time
-                    cur = dbapi_conn.cursor()
-                    cur.execute("PRAGMA journal_mode=WAL")
-                    cur.execute("PRAGMA busy_timeout=60000")
-                    cur.close()
+                engine = self._sqlite_engine(url, create)
             else:
                 engine = create_engine(url, pool_pre_ping=True)
             with engine.connect() as conn:
@@ -77,10 +95,46 @@ class LatencyDB:
         except DoolyError:
             raise
         except (ArgumentError, NoSuchModuleError, ValueError) as e:
-            raise DoolyError(f"malformed database URL {url!r}: {_one_line(e)}") from None
+            raise DoolyError(f"malformed database URL {self.shown_url!r}: {_one_line(e)}") from None
         except (OperationalError, DBAPIError) as e:
-            raise DoolyError(f"cannot open database {url!r}: {_one_line(e)}") from None
-        self._check_schema(engine, create)
+            raise DoolyError(f"cannot open database {self.shown_url!r}: {_one_line(e)}") from None
+        self._check_schema(engine, create)  # reads only, until the database is accepted
+        if create and url.startswith("sqlite") and self.writable:
+            # a writer's database: concurrent readers + one writer at a time (kept in the file)
+            with engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+        return engine
+
+    def _sqlite_engine(self, url: str, create: bool) -> Engine:
+        path = url.split(":///", 1)[1] if ":///" in url else ""
+        if not path or path == ":memory:":
+            if not create:
+                raise NoDatabase(f"{url} is an in-memory database and holds no measurements: "
+                                 f"give a file, sqlite:///PATH")
+            return create_engine(url)
+        p = Path(path).expanduser()
+        if p.exists():
+            # mode bits too: root may write anything, but a file marked read-only is not ours to change
+            self.writable = os.access(p, os.W_OK) and bool(p.stat().st_mode & 0o222)
+            if create and not self.writable:
+                raise DoolyError(f"database file {p} is read-only: dooly cannot store measurements in it")
+            _check_sqlite_file(p, create)
+        else:
+            if not create:
+                raise NoDatabase(f"no database at {p} (run `dooly profile` first)")
+            if p.parent.exists() and not os.access(p.parent, os.W_OK):
+                raise DoolyError(f"cannot create database {p}: folder is read-only")
+            p.parent.mkdir(parents=True, exist_ok=True)
+        if not self.writable:
+            return create_engine(f"sqlite:///file:{p}?mode=ro&uri=true", connect_args={"timeout": 60})
+        engine = create_engine(url, connect_args={"timeout": 60})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record):
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA busy_timeout=60000")
+            cur.close()
+
         return engine
 
     def _check_schema(self, engine: Engine, create: bool) -> None:
@@ -95,16 +149,16 @@ class LatencyDB:
                 S.metadata.create_all(engine)  # tables added within this schema version (e.g. fits)
             return
         if tables - {t.name for t in S.metadata.sorted_tables}:
-            raise DoolyError(f"{self.url} holds other tables and no dooly schema; use another --db")
+            raise DoolyError(f"{self.shown_url} holds other tables and no dooly schema; use another --db")
         if not create:
-            return
+            raise NoDatabase(f"{self.shown_url} holds no dooly database (run `dooly profile` first)")
         try:
             S.metadata.create_all(engine)
             with engine.begin() as conn:
                 conn.execute(self._insert_ignore(S.meta, ["key"]).values(key="schema_version",
                                                                           value=S.SCHEMA_VERSION))
         except (OperationalError, DBAPIError) as e:
-            raise DoolyError(f"cannot write database {self.url!r}: {_one_line(e)}") from None
+            raise DoolyError(f"cannot write database {self.shown_url!r}: {_one_line(e)}") from None
 
     def _insert_ignore(self, table, keys: list[str]):
         if self.url.startswith("sqlite"):
@@ -129,7 +183,7 @@ class LatencyDB:
         if any(e.key == env.key for e in known):
             return env.key
         if not known:
-            raise DoolyError(f"the database {self.url} holds no measurements yet (run `dooly profile`)")
+            raise DoolyError(f"the database {self.shown_url} holds no measurements yet (run `dooly profile`)")
         nearest = min(known, key=lambda e: len(env.differences(e)))
         diff = "; ".join(f"{k}: here {a!r}, stored {b!r}" for k, (a, b) in env.differences(nearest).items())
         raise DoolyError(f"no measurements for this environment; nearest stored one differs in {diff}")
@@ -177,6 +231,14 @@ class LatencyDB:
                 if rows:
                     conn.execute(m.insert(), rows)
 
+    def signatures(self, ids) -> dict[str, tuple[str, str]]:
+        """id -> (op, canonical text) of the given signatures the database holds."""
+        sg = S.signatures
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(sg.c.id, sg.c.op, sg.c.text)).all()
+        wanted = set(ids)
+        return {i: (op, t) for i, op, t in rows if i in wanted}
+
     def signature_text(self, signature: str) -> str | None:
         with self.engine.connect() as conn:
             return conn.execute(select(S.signatures.c.text).where(S.signatures.c.id == signature)).scalar()
@@ -191,6 +253,9 @@ class LatencyDB:
         return (row[0], row[1]) if row else None
 
     def put_fit(self, env_key: str, signature: str, data_hash: str, model_json: str) -> None:
+        """Cache a fit (a read-only database keeps none: fits are recomputed)."""
+        if not self.writable:
+            return
         f = S.fits
         with self.engine.begin() as conn:
             conn.execute(f.delete().where(f.c.env == env_key, f.c.signature == signature))
@@ -214,6 +279,15 @@ class LatencyDB:
         with self.engine.connect() as conn:
             n, cost = conn.execute(select(func.count(), func.sum(m.c.cost_s)).where(m.c.run_id == run_id)).one()
         return int(n), float(cost or 0.0)
+
+    def unfinished_points(self, env_key: str) -> set[tuple[str, str]]:
+        """(signature, point) of the measurements stored by runs that did not finish (interrupted,
+        killed, incomplete)."""
+        m, r = S.measurements, S.runs
+        q = (select(m.c.signature, m.c.point).join(r, r.c.id == m.c.run_id)
+             .where(m.c.env == env_key, r.c.status != "done"))
+        with self.engine.connect() as conn:
+            return {(sig, p) for sig, p in conn.execute(q)}
 
     def runs(self) -> list[dict]:
         with self.engine.connect() as conn:

@@ -123,7 +123,7 @@ def run_distributed(plan: ProfilePlan, db: LatencyDB, address: str | None = None
                     measured, _ = db.run_totals(run_id)
                     progress(f"{len(pending)} of {len(parts)} shards on Ray ({describe(address)})",
                              measured, len(todo))
-            status = "done" if error is None else "interrupted"
+            status = "interrupted" if error is not None else "incomplete" if failed else "done"
         finally:
             summary, lost = _books(plan, db, env_key, run_id, failed, status)
     if error is not None:
@@ -161,7 +161,7 @@ def _books(plan: ProfilePlan, db: LatencyDB, env_key: str, run_id: int, failed: 
     measured, spent = db.run_totals(run_id)
     stored = db.points(env_key)
     baseline = sum(stored[k].cost_s for need in plan.needs.values() for k in need if k in stored)
-    reused = sum(1 for w in plan.work for p in w.points if (w.signature, p) in plan.stored)
+    reused, resumed, resumed_s = plan.kept()
     db.update_run(run_id, finished=time.time(), measured=measured, reused=reused, device_s=spent,
                   baseline_s=baseline, status=status)
     todo = {w.signature for w, _ in plan.missing}
@@ -170,4 +170,5 @@ def _books(plan: ProfilePlan, db: LatencyDB, env_key: str, run_id: int, failed: 
         models=plan.models, signatures=len(plan.work),
         signatures_measured=len(todo - set(failed)), signatures_reused=len(plan.work) - len(todo),
         points_measured=measured, points_reused=reused, device_s=spent, baseline_s=baseline, failed=failed,
+        points_resumed=resumed, resumed_s=resumed_s,
         deferred=len(plan.deferred), run_id=run_id), lost

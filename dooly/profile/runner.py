@@ -57,15 +57,44 @@ class ProfilePlan:
     needs: dict  # model -> set of (signature, point key)
     stored: dict  # (signature, point key) -> Measurement already in the database
     deferred: dict  # signature -> (op, kind) of ops this stage does not profile (unsupported ones)
+    resumed: frozenset = frozenset()  # stored (signature, point key)s measured by runs that did not finish
+    scales: dict = field(default_factory=dict)  # op (and "*": any op) -> stored cost / rough estimate, here
 
     @property
     def missing(self) -> list[tuple[SignatureWork, str]]:
         return [(w, p) for w in self.work for p in w.points if (w.signature, p) not in self.stored]
 
+    def kept(self) -> tuple[int, int, float]:
+        """Points the database already answers: (reused, kept from an unfinished run, the latter's
+        device-seconds). A point an interrupted run measured is that run's work resumed, not reuse."""
+        held = [(w.signature, p) for w in self.work for p in w.points if (w.signature, p) in self.stored]
+        resumed = [k for k in held if k in self.resumed]
+        return len(held) - len(resumed), len(resumed), sum(self.stored[k].cost_s for k in resumed)
+
     def estimate_s(self) -> float:
+        """Device-seconds the missing points will take: a rough cost per point, scaled by what the points
+        this machine already measured cost against the same rough estimate (per op where it has that op)."""
         missing = self.missing
         group = GROUP_START_S if any(w.kind == COLLECTIVE for w, _ in missing) else 0.0
-        return group + sum(_estimate_point_s(w.text, parse_point(p)) for w, p in missing)
+        overall = self.scales.get("*", 1.0)
+        return group + sum(self.scales.get(w.op, overall) * _estimate_point_s(w.text, parse_point(p))
+                           for w, p in missing)
+
+
+def cost_scales(stored: dict, signatures: dict[str, tuple[str, str]]) -> dict[str, float]:
+    """Per op, and over all ops ("*"): the device-seconds the stored points took / their rough estimate.
+    `signatures`: id -> (op, canonical text) of the stored signatures."""
+    sums: dict[str, list[float]] = {}
+    for (sig, p), m in stored.items():
+        if sig not in signatures:
+            continue
+        op, text = signatures[sig]
+        rough = _estimate_point_s(text, parse_point(p))
+        for key in (op, "*"):
+            acc = sums.setdefault(key, [0.0, 0.0])
+            acc[0] += m.cost_s
+            acc[1] += rough
+    return {k: cost / rough for k, (cost, rough) in sums.items() if cost > 0 and rough > 0}
 
 
 @dataclass
@@ -78,6 +107,8 @@ class ProfileSummary:
     points_reused: int
     device_s: float  # spent by this run
     baseline_s: float  # a per-model profiler without reuse (same grid, method)
+    points_resumed: int = 0  # stored by an earlier run of these models that did not finish
+    resumed_s: float = 0.0  # the device-seconds those cost
     failed: dict = field(default_factory=dict)  # signature -> reason
     deferred: int = 0  # signatures this stage does not profile (unsupported ones)
     run_id: int | None = None
@@ -85,7 +116,7 @@ class ProfileSummary:
 
     @property
     def saved_pct(self) -> float:
-        return 100.0 * (1 - self.device_s / self.baseline_s) if self.baseline_s > 0 else 0.0
+        return 100.0 * (1 - (self.device_s + self.resumed_s) / self.baseline_s) if self.baseline_s > 0 else 0.0
 
 
 def plan_profile(traces: list[Trace], env: Environment, stored: dict, grid: str = "full",
@@ -185,6 +216,7 @@ def run_profile(plan: ProfilePlan, db: LatencyDB, progress: Callable[[str, int, 
     # collectives last: the group's ranks then live for one stretch, with nothing else running
     todo = sorted(plan.missing, key=lambda wp: wp[0].kind == COLLECTIVE)
     status = "interrupted"
+    reused_points, resumed_points, resumed_s = plan.kept()
     try:
         for i, (w, p) in enumerate(todo):
             if progress:
@@ -223,13 +255,12 @@ def run_profile(plan: ProfilePlan, db: LatencyDB, progress: Callable[[str, int, 
                 db.update_run(run_id, measured=measured, device_s=spent)
         if progress:
             progress("", len(todo), len(todo))
-        status = "done"
+        status = "incomplete" if failed else "done"
     finally:
         ranks = [asdict(r) for r in group.ranks] if group is not None else []
         if own_group and group is not None:
             group.close()
         baseline = sum(costs.get(k, 0.0) for need in plan.needs.values() for k in need)
-        reused_points = sum(1 for w in plan.work for p in w.points if (w.signature, p) in plan.stored)
         if own_run:
             db.update_run(run_id, finished=time.time(), measured=measured, reused=reused_points, device_s=spent,
                           baseline_s=baseline, status=status)
@@ -238,4 +269,5 @@ def run_profile(plan: ProfilePlan, db: LatencyDB, progress: Callable[[str, int, 
         signatures_measured=len({w.signature for w, p in todo if w.signature not in failed}),
         signatures_reused=len(plan.work) - len({w.signature for w, _ in todo}),
         points_measured=measured, points_reused=reused_points, device_s=spent, baseline_s=baseline,
-        failed=failed, deferred=len(plan.deferred), run_id=run_id, collective_ranks=ranks)
+        points_resumed=resumed_points, resumed_s=resumed_s, failed=failed, deferred=len(plan.deferred),
+        run_id=run_id, collective_ranks=ranks)

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from typing import Callable
 
-from dooly.db import LatencyDB
+from dooly.db import LatencyDB, NoDatabase
 from dooly.engine_interface import get_engine
 from dooly.errors import DoolyError
 from dooly.profile.environment import current_environment, default_threads
 from dooly.profile.grid import GRIDS, Limits
-from dooly.profile.runner import ProfilePlan, ProfileSummary, plan_profile, run_profile
+from dooly.profile.runner import ProfilePlan, ProfileSummary, cost_scales, plan_profile, run_profile
 
 
 def plan_models(models: list[str], *, engine: str = "vllm", db: str | None = None, dtype: str = "bfloat16",
@@ -33,6 +33,7 @@ def plan_models(models: list[str], *, engine: str = "vllm", db: str | None = Non
         raise DoolyError("give models or --suite NAME")
     specs = [resolve(m) for m in models]
     eng = get_engine(engine)
+    _existing(db)  # a file that is not a dooly database is refused before any tracing
     traces = [
         trace_model(
             s,
@@ -50,7 +51,11 @@ def plan_models(models: list[str], *, engine: str = "vllm", db: str | None = Non
         engine, eng.version(), dtype, threads or default_threads(tensor_parallel_size), tensor_parallel_size
     )
     stored = database.points(env.key) if database else {}
-    return plan_profile(traces, env, stored, grid, limits), database
+    plan = plan_profile(traces, env, stored, grid, limits)
+    if database:
+        plan.resumed = frozenset(database.unfinished_points(env.key))
+        plan.scales = cost_scales(stored, database.signatures({sig for sig, _ in stored}))
+    return plan, database
 
 
 def profile(models: list[str], *, ray_address: str | None = None,
@@ -63,6 +68,12 @@ def profile(models: list[str], *, ray_address: str | None = None,
 
         require_ray()
         check_address(ray_address)  # an unreachable cluster fails before any tracing or writing
+    if ray_address is None and options.get("tensor_parallel_size", 1) > 1:
+        # the ranks measuring collectives here: refused before any tracing, measuring or writing
+        tp = options["tensor_parallel_size"]
+        collectives = get_engine(options.get("engine", "vllm")).collectives
+        if collectives is not None:
+            collectives.check_group(tp, options.get("threads") or default_threads(tp))
     plan, database = plan_models(models, **options)
     if ray_address is None:
         return run_profile(plan, database, progress), database.url
@@ -74,7 +85,5 @@ def profile(models: list[str], *, ray_address: str | None = None,
 def _existing(url: str | None) -> LatencyDB | None:
     try:
         return LatencyDB(url, create=False)
-    except DoolyError as e:
-        if "no database at" in str(e):
-            return None
-        raise
+    except NoDatabase:
+        return None
