@@ -189,14 +189,10 @@ def configurations(models, grid: dict) -> list[Configuration]:
 
 
 def _check_tp(spec, degrees) -> None:
-    c = spec.config
-    heads = {"num_attention_heads": c["num_attention_heads"],
-             "num_key_value_heads": c.get("num_key_value_heads") or c["num_attention_heads"]}
+    from dooly.trace.core import check_tensor_parallel
+
     for tensor_parallel_size in degrees:
-        for key, value in heads.items():
-            if value % tensor_parallel_size:
-                raise DoolyError(f"bad grid value tensor_parallel_size={tensor_parallel_size}: it does not divide "
-                                 f"{key}={value} of {spec.name}")
+        check_tensor_parallel(spec, tensor_parallel_size, "bad grid value tensor_parallel_size")
 
 
 def engine_check(configs: list[Configuration], grid: dict) -> dict[str, str]:

@@ -15,6 +15,18 @@ from dooly.trace.records import Trace
 DTYPES = ("bfloat16", "float16", "float32")
 
 
+def check_tensor_parallel(spec: ModelSpec, tensor_parallel_size: int, option: str = "--tp") -> None:
+    """vLLM's rule: the degree divides the attention heads; it divides the KV heads too, or, when
+    there are fewer KV heads than ranks, is a multiple of them (each KV head is then replicated)."""
+    params = config_params(spec.config, tensor_parallel_size)
+    heads, kv_heads = params["num_attention_heads"], params["num_key_value_heads"]
+    if heads % tensor_parallel_size:
+        raise DoolyError(f"{option} {tensor_parallel_size} does not divide num_attention_heads={heads} of {spec.name}")
+    if kv_heads % tensor_parallel_size and tensor_parallel_size % kv_heads:
+        raise DoolyError(f"{option} {tensor_parallel_size} neither divides num_key_value_heads={kv_heads} of "
+                         f"{spec.name} nor is a multiple of it (for vLLM to replicate the KV heads)")
+
+
 def trace_model(spec: ModelSpec, engine: str = "vllm", tensor_parallel_size: int = 1, dtype: str = "bfloat16",
                 hints: tuple[int, int] | None = None, attention_backend: str | None = None,
                 cache: bool = False, kv_cache_dtype: str | None = None) -> Trace:
@@ -27,10 +39,8 @@ def trace_model(spec: ModelSpec, engine: str = "vllm", tensor_parallel_size: int
         raise DoolyError(f"unknown dtype {dtype!r}; dtypes: {', '.join(DTYPES)}")
     if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
         raise DoolyError(f"tensor-parallel degree must be a positive integer, got {tensor_parallel_size!r}")
+    check_tensor_parallel(spec, tensor_parallel_size)
     params = config_params(spec.config, tensor_parallel_size)
-    for key in ("num_attention_heads", "num_key_value_heads"):
-        if params[key] % tensor_parallel_size:
-            raise DoolyError(f"--tp {tensor_parallel_size} does not divide {key}={params[key]} of {spec.name}")
     eng = get_engine(engine)
     kwargs: dict = {"hints": hints} if hints else {}
     if attention_backend is not None:

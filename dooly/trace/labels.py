@@ -25,15 +25,20 @@ CPU_HEAD_DIMS = (64, 80, 96, 112, 128, 160, 192, 256)
 def perturbed_config(config: dict, tp: int, run: int, num_layers: int | None) -> tuple[dict, int]:
     """Run `run` (1, 2, ...) of the differential trace: every config parameter moved to a new value.
 
-    Constraints kept: heads divisible by kv heads, both by tp; hidden_size divisible by heads;
+    Constraints kept: heads divisible by kv heads, both by tp (or tp by kv heads, when the real
+    model has fewer KV heads than ranks and vLLM replicates them); hidden_size divisible by heads;
     a head size the CPU attention kernels accept; 32-aligned
     hidden and FFN sizes (CPU MoE kernels); vocab padded to 64 still divisible by tp.
     """
     c = copy.deepcopy(config)
     real = config_params(config, tp)
     tp_r = tp if tp == 1 else tp + run  # tp=2 -> 3, 4: tp must vary too, or /tp is invisible
-    kv = tp_r * (2 * run + 1)  # 3, 5 (x tp)
-    heads = kv * (run + 1)  # groups of 2, 3
+    if real["num_key_value_heads"] < tp:  # fewer KV heads than ranks: vLLM replicates them, one per rank
+        kv = next((p for p in range(2, tp_r) if tp_r % p == 0), 1)  # replicated in the perturbed run too
+        heads = tp_r * (run + 1)
+    else:
+        kv = tp_r * (2 * run + 1)  # 3, 5 (x tp)
+        heads = kv * (run + 1)  # groups of 2, 3
     head_dim = [d for d in (80, 96, 112, 64) if d != real["head_dim"]][run - 1]
     c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"] = heads, kv, head_dim
     # hidden/heads != head_dim tells the two apart; multiples of 32 keep CPU MoE kernels eligible
@@ -112,6 +117,10 @@ class Solver:
                 base.append((3 + (c != 1), expr, v))
                 for n, (pe, pv) in enumerate(per_head):
                     base.append((4 + (c != 1) + n, expr * pe, [v[i] * pv[i] for i in R]))
+        for c in (1, 2):  # fused projections with replicated KV heads: one KV head per rank
+            v = [vals[H][i] / vals["tp"][i] + c for i in R]
+            for n, (pe, pv) in enumerate(per_head):
+                base.append((6 + n, (S[H] / S["tp"] + c) * pe, [v[i] * pv[i] for i in R]))
         vocab = "vocab_size"
         for pad_to in (64,):
             expr = pad_to * sympy.ceiling(S[vocab] / pad_to)
