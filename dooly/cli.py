@@ -3,26 +3,44 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import warnings
 from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from dooly.errors import DoolyError
 from dooly.records import DEFAULT_OPTIONS, VLLM_MAX_NUM_SEQS, EngineOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Profile LLM operations once, reuse them across models, simulate serving.")
-console = Console(width=200) if not sys.stdout.isatty() else Console()
-err = Console(stderr=True)
+# user text (paths, specs like uniform:100:10) is never rendered as emoji codes
+console = Console(width=200, emoji=False) if not sys.stdout.isatty() else Console(emoji=False)
+err = Console(stderr=True, emoji=False, highlight=False)
+
+# exit statuses (README, "Exit codes")
+EXIT_INCOMPLETE = 1  # the command ran but did not finish its work (ops it could not measure; an internal error)
+EXIT_BAD_INPUT = 2  # bad input or missing data: nothing was written
+EXIT_NO_CONFIGURATION = 3  # `dooly search` / `dooly capacity`: no configuration meets the SLO (the data was there)
+EXIT_INTERRUPTED = 130  # Ctrl-C
+INTERRUPTED = "interrupted: what was stored is kept (a profile resumes where it stopped when run again)"
+
+
+def say_error(message: str) -> None:
+    """The one way an error reaches the user: one line on stderr, its text as given (never read as
+    markup or emoji codes)."""
+    line = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    err.print(Text.assemble(("error:", "red"), " ", line or "failed"), soft_wrap=True)
 
 
 def _fail(e: Exception) -> None:
-    err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
+    say_error(str(e))
+    raise typer.Exit(EXIT_BAD_INPUT)
 
 
 def _trace(model: str, engine: str, tensor_parallel_size: int, dtype: str, attention_backend: str | None = None,
@@ -271,7 +289,8 @@ def profile(
         console.print(f"{len(plan_.work)} signatures, {len(missing)} points to measure, "
                       f"{sum(len(w.points) for w in plan_.work) - len(missing)} reused; "
                       f"{len(plan_.deferred)} signatures not profilable by this engine here; "
-                      f"estimated {plan_.estimate_s():.0f} s of device time")
+                      f"estimated {plan_.estimate_s():.0f} s of device time"
+                      + ("" if plan_.scales else " (rough: no measurements here yet to scale the estimate by)"))
         return
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True) as bar:
@@ -288,7 +307,9 @@ def profile(
     table.add_row("models", str(len(summary.models)))
     table.add_row("signatures", f"{summary.signatures} ({summary.signatures_measured} profiled, "
                                 f"{summary.signatures_reused} reused)")
-    table.add_row("points", f"{summary.points_measured} measured, {summary.points_reused} reused")
+    table.add_row("points", f"{summary.points_measured} measured, {summary.points_reused} reused"
+                            + (f", {summary.points_resumed} kept from an unfinished run of these models"
+                               if summary.points_resumed else ""))
     table.add_row("device-seconds spent", f"{summary.device_s:.1f}")
     table.add_row("without reuse (per-model profiler)", f"{summary.baseline_s:.1f}")
     table.add_row("saved", f"{summary.saved_pct:.1f}%")
@@ -296,7 +317,13 @@ def profile(
     console.print(table)
     for sig, reason in summary.failed.items():
         console.print(f"could not replay {sig[:8]}: {escape(reason)}", highlight=False)
-    console.print(f"database: {url}")
+    from dooly.db import redact
+
+    console.print(f"database: {redact(url)}", highlight=False)
+    if summary.failed:
+        say_error(f"{len(summary.failed)} signatures could not be measured (listed above); the run is recorded as "
+                  f"incomplete")
+        raise typer.Exit(EXIT_INCOMPLETE)
 
 
 @db_app.command("stats")
@@ -314,7 +341,7 @@ def db_stats(db: Optional[str] = typer.Option(None, "--db", help=_DB_HELP)) -> N
         table.add_row(r["env"], f"{e.device_name} [{e.isa}]", e.engine_version, e.dtype, str(e.threads),
                       str(r["signatures"]), str(r["points"]), f"{r['device_s']:.1f}", str(r["runs"]))
     console.print(table)
-    console.print(f"database: {database.url}")
+    console.print(f"database: {database.shown_url}", highlight=False)
 
 
 @db_app.command("runs")
@@ -642,7 +669,6 @@ _GRID_HELP = "engine option NAME=V1,V2 as vLLM spells it (max_num_seqs, max_num_
              "repeatable; default: max_num_seqs=64,128,256 x max_num_batched_tokens=1024,2048,4096"
 _SEARCH_WORKLOAD_HELP = "a workload file or synthetic spec (as for simulate): its request lengths are served, " \
                         "its arrivals replaced by seeded Poisson arrivals at each rate tried"
-EXIT_NO_CONFIGURATION = 3  # `dooly search` / `dooly capacity`: no configuration meets the SLO
 
 
 def _run_search(models, workload, slo, grid, db, requests, rate_min, rate_max, tolerance, seed, ray_address,
@@ -657,6 +683,19 @@ def _run_search(models, workload, slo, grid, db, requests, rate_min, rate_max, t
         return run(models, workload, slo, grid or None, db=db, requests=requests, rate_min=rate_min,
                    rate_max=rate_max, tolerance=tolerance, seed=seed, use_ray=False if no_ray else None,
                    ray_address=ray_address, progress=lambda done, total: bar.update(task, completed=done, total=total))
+
+
+def _no_configuration(res, what: str) -> None:
+    """No configuration met the SLO: status 3 only when every configuration had its data; else the
+    verdict is unknown, and the missing data is the error (status 2)."""
+    from dooly.search.core import missing_data
+
+    missing = missing_data(res)
+    if missing is not None:
+        say_error(f"{what} with data meets the SLO {res.slo}, and {missing}")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    say_error(f"{what} meets the SLO {res.slo}")
+    raise typer.Exit(EXIT_NO_CONFIGURATION)
 
 
 def _ms(v) -> str:
@@ -716,9 +755,7 @@ def search_configurations(
         if out:
             console.print(f"wrote {out}/configs.csv, rates.csv, search.json" + (", pareto.png" if plot else ""))
     if best is None:
-        if not as_json:
-            err.print(f"no configuration meets the SLO {res.slo}", highlight=False)
-        raise typer.Exit(EXIT_NO_CONFIGURATION)
+        _no_configuration(res, "no configuration")
 
 
 @app.command()
@@ -752,11 +789,9 @@ def capacity(
     except DoolyError as e:
         _fail(e)
     if plan is None:
-        if as_json:
+        if as_json and missing_data(res) is None:
             sys.stdout.write(json.dumps({"slo": str(res.slo), "rate_rps": rate, "plan": None}) + "\n")
-        else:
-            err.print(f"no configuration of {model} meets the SLO {res.slo}", highlight=False)
-        raise typer.Exit(EXIT_NO_CONFIGURATION)
+        _no_configuration(res, f"no configuration of {model}")
     if as_json:
         sys.stdout.write(json.dumps({"slo": str(res.slo), **json.loads(plan.to_json(orient="records"))[0]}) + "\n")
         return
@@ -771,10 +806,42 @@ def capacity(
     table.add_row("margin", f"{100 * p['margin']:.1f}% (replicas x goodput / rate - 1)")
     console.print(table)
     console.print(f"{len(res.configs)} configurations searched in {res.seconds:.1f} s, {res.ran_on}", highlight=False)
+    from dooly.search.core import missing_data
+
+    if missing_data(res):
+        console.print(f"not searched: {missing_data(res)}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:
-    app()
+    """The `dooly` entry point: every way a command can fail ends in one line on stderr and the
+    exit statuses above; DOOLY_DEBUG=1 shows the traceback of an internal error."""
+    if not sys.warnoptions:  # libraries' deprecation notes are not the user's to read (workers inherit it)
+        warnings.simplefilter("ignore")
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    said = False
+    try:
+        code = app(standalone_mode=False)
+    except (KeyboardInterrupt, typer.Abort):
+        say_error(INTERRUPTED)
+        code, said = EXIT_INTERRUPTED, True
+    except DoolyError as e:  # raised outside a command's own handling
+        say_error(str(e))
+        code = EXIT_BAD_INPUT
+    except Exception as e:  # noqa: BLE001
+        if hasattr(e, "format_message") and hasattr(e, "exit_code"):  # click's usage errors (typer's own click)
+            ctx = getattr(e, "ctx", None)
+            where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+            if e.format_message():  # (no arguments: the help was the answer)
+                say_error(e.format_message() + where)
+            code = EXIT_BAD_INPUT
+        elif os.environ.get("DOOLY_DEBUG"):
+            raise
+        else:  # a bug: one line, the traceback on request
+            say_error(f"internal error: {type(e).__name__}: {e} (DOOLY_DEBUG=1 shows the traceback)")
+            code = EXIT_INCOMPLETE
+    if code == EXIT_INTERRUPTED and not said:  # typer turns Ctrl-C inside a command into this status
+        say_error(INTERRUPTED)
+    sys.exit(code or 0)
 
 
 if __name__ == "__main__":

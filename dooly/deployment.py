@@ -86,6 +86,20 @@ class Deployment:
     def block_size(self) -> int:
         return self.settings["block_size"]
 
+    def check_fits(self, requests) -> None:
+        """Refuse a workload whose longest request cannot fit in the KV cache even alone (the engine
+        could never finish it): each request holds the KV of its prompt and all but its last output token."""
+        longest = max(requests, key=lambda r: r.prompt_tokens + r.output_tokens, default=None)
+        if longest is None:
+            return
+        tokens = longest.prompt_tokens + longest.output_tokens - 1
+        need = -(-tokens // self.block_size)
+        if need > self.num_blocks - 1:  # block 0 is vLLM's null block, never handed out
+            raise DoolyError(f"the KV cache has {self.num_blocks} blocks of {self.block_size} tokens (one of them "
+                             f"vLLM's null block), but request {longest.request_id} ({longest.prompt_tokens} + "
+                             f"{longest.output_tokens} tokens) needs {need} blocks alone: give more --num-gpu-blocks "
+                             f"/ --kv-cache-gib, or shorter requests")
+
     def engine_kwargs(self) -> dict:
         """Options for starting the real engine (tensor-parallel size and KV space are passed apart)."""
         return self.options.engine_kwargs()

@@ -67,7 +67,7 @@ def _step_predictors(database, env, deployments, traces):
     except DoolyError as e:
         raise DoolyError(f"calibration needs the ops of {', '.join(models)} measured in this environment "
                          f"({str(e).split(';')[0]}); measure them with: "
-                         f"{_profile_command(models, deployments[0].tensor_parallel_size, database.url)}") from None
+                         f"{_profile_command(models, deployments[0].tensor_parallel_size, database.shown_url)}") from None
 
 
 def _family_samples(engine, steps, timed, isolated, resident: float) -> list:

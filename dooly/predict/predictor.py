@@ -24,6 +24,7 @@ class Predictor:
         self.env_key = db.require_environment(env)
         self._models: dict[str, object] = {}
         self._att: dict[str, tuple] = {}
+        self._unsaved: dict[str, tuple[str, str]] = {}  # signature -> (data hash, model JSON) fitted here
 
     def model(self, signature: str):
         """The regressor for `signature`, or None when the database has no point of it."""
@@ -40,9 +41,16 @@ class Predictor:
         else:
             model = fit([parse_point(m.point) for m in pts], [m.median_us for m in pts],
                         [m.p75_us - m.p25_us for m in pts], counts=[m.repeats for m in pts])
-            self.db.put_fit(self.env_key, signature, digest, json.dumps(model.to_json()))
+            self._unsaved[signature] = (digest, json.dumps(model.to_json()))
         self._models[signature] = model
         return model
+
+    def save_fits(self) -> None:
+        """Cache in the database the regressors fitted since the last save. Called once a prediction
+        has succeeded: a simulation that fails leaves the database as it found it."""
+        for signature, (digest, model_json) in self._unsaved.items():
+            self.db.put_fit(self.env_key, signature, digest, model_json)
+        self._unsaved.clear()
 
     def latency(self, signature: str, values: dict, *, model_name: str = "", op: str = "") -> Prediction:
         """Latency at request-variable values (extra variables the signature ignores are dropped)."""
@@ -80,6 +88,6 @@ class Predictor:
         if m is None:
             what = f"{op} ({signature[:8]})" if op else signature
             who = f" of {model_name}" if model_name else ""
-            fill = command() if command else f"dooly profile {model_name or 'MODEL'} --db {self.db.url}"
+            fill = command() if command else f"dooly profile {model_name or 'MODEL'} --db {self.db.shown_url}"
             raise DoolyError(f"no measurements for {what}{who} in this environment; fill them with: {fill}")
         return m

@@ -78,11 +78,7 @@ class StepPredictor:
         self._ratio_memo: dict[tuple[str, int], float] = {}
 
     def _profile_command(self) -> str:
-        """The `dooly profile` command that measures this model as traced here (TP degree, KV-cache dtype)."""
-        t = self.trace
-        flags = ((f" --tp {t.tensor_parallel_size}" if t.tensor_parallel_size > 1 else "")
-                 + (f" --kv-cache-dtype {t.kv_cache_dtype}" if t.kv_cache_dtype else ""))
-        return f"dooly profile {t.model}{flags} --db {self.predictor.db.url}"
+        return profile_command(self.trace, self.predictor.db.shown_url)
 
     def _check_group_size(self) -> None:
         """A rank's ops and its collectives were measured for one tensor-parallel degree: the trace's."""
@@ -153,3 +149,10 @@ def predict_step(trace: Trace, predictor: Predictor, batch: Batch, overhead: boo
                  in_engine: bool = True) -> StepPrediction:
     """One step's prediction (build a `StepPredictor` once to predict many steps)."""
     return StepPredictor(trace, predictor, overhead, in_engine)(batch)
+
+
+def profile_command(t: Trace, db_url: str) -> str:
+    """The `dooly profile` command that measures a model as traced (TP degree, KV-cache dtype)."""
+    flags = ((f" --tp {t.tensor_parallel_size}" if t.tensor_parallel_size > 1 else "")
+             + (f" --kv-cache-dtype {t.kv_cache_dtype}" if t.kv_cache_dtype else ""))
+    return f"dooly profile {t.model}{flags} --db {db_url}"

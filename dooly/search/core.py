@@ -93,6 +93,38 @@ def _prepare_traces(configs: list[Configuration]) -> None:
         )
 
 
+def _check_data(configs: list[Configuration], job: Job) -> None:
+    """The database holds measurements for some configuration, checked before any simulation: when it
+    holds none, that is an error naming the `dooly profile` commands that fill it, never an SLO
+    result. (Configurations lacking data among others that have it are listed as "missing", with
+    their command; `missing_data` says so before any verdict.)"""
+    from dooly.db import redact
+    from dooly.search.sweep import Workbench, profile_command
+
+    bench = Workbench(job)
+    missing = {}
+    for c in {c.trace_key: c for c in configs}.values():
+        try:
+            bench.step_predictor(c).predictor.save_fits()
+        except DoolyError as e:
+            missing.setdefault(profile_command(e, c, redact(job.db_url)), []).append(c.key)
+    if sum(len(v) for v in missing.values()) == len(configs):
+        raise DoolyError(f"the database lacks measurements for every configuration "
+                         f"({', '.join(k for v in missing.values() for k in v)}); fill them with: "
+                         + " && ".join(missing))
+
+
+def missing_data(result: "SearchResult") -> str | None:
+    """What the database lacks for the search's configurations, as one sentence naming the
+    `dooly profile` commands that fill it; None when every configuration had its data."""
+    rows = result.configs[result.configs["status"] == "missing"]
+    if rows.empty:
+        return None
+    commands = list(dict.fromkeys(rows["reason"]))
+    return (f"{len(rows)} of {len(result.configs)} configurations lack measurements "
+            f"({', '.join(rows['config'])}); fill them with: " + " && ".join(commands))
+
+
 def search(models, workload, slo, grid=None, *, db: str | None = None, requests: int | None = None,
            rate_min: float = 0.05, rate_max: float = 1000.0, tolerance: float = 0.05, seed: int = 0,
            early_stop: bool = True, reuse: bool = True, use_ray: bool | None = None, ray_address: str | None = None,
@@ -122,6 +154,7 @@ def search(models, workload, slo, grid=None, *, db: str | None = None, requests:
     _check_lengths(lengths, accepted)
     _prepare_traces(accepted)
     job = Job(database.url, lengths, slo, sweep)
+    _check_data(accepted, job)
     results, ran_on = fanout.run(accepted, job, use_ray=use_ray, address=ray_address, progress=progress)
     rows, rate_rows = [], []
     by_key = {c.key: r for c, r in zip(accepted, results)}

@@ -29,6 +29,7 @@ def model_context(deployment: Deployment, db: str | None):
     environment); fails in one line when the trace holds ops this machine cannot measure."""
     from dooly.db import LatencyDB
     from dooly.predict import Predictor
+    from dooly.predict.step import profile_command
     from dooly.profile.profilable import refuse_unprofilable
     from dooly.trace import trace_model
 
@@ -36,7 +37,12 @@ def model_context(deployment: Deployment, db: str | None):
     trace = trace_model(d.spec, engine=d.engine, dtype=d.dtype, tensor_parallel_size=d.tensor_parallel_size,
                         cache=True, **d.options.trace_options())
     refuse_unprofilable(trace, "predict")
-    return trace, Predictor(LatencyDB(db, create=False), d.env)
+    database = LatencyDB(db, create=False)
+    try:
+        predictor = Predictor(database, d.env)
+    except DoolyError as e:  # nothing measured in this environment
+        raise DoolyError(f"{e}; fill them with: {profile_command(trace, database.shown_url)}") from None
+    return trace, predictor
 
 
 def make_scheduler(deployment: Deployment, kind: str = "fast"):
@@ -80,9 +86,11 @@ def simulate_deployment(deployment: Deployment, workload, *, db: str | None = No
     trace, predictor = context or model_context(deployment, db)
     sched = make_scheduler(deployment, scheduler)
     requests = parse_workload(workload, deployment.max_model_len)
+    deployment.check_fits(requests)
     step = StepPredictor(trace, predictor)
     results, steps = run(requests, sched, lambda batch: time_scale * step(batch).us / 1e6,
                          vocab=deployment.spec.config["vocab_size"])
+    predictor.save_fits()
     return SimulationResult(summary(results), requests_frame(results), steps_frame(steps))
 
 
