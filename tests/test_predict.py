@@ -52,13 +52,19 @@ def test_fits_are_stored_as_json_and_refit_when_data_changes(profiled, tiny_llam
     db, env = profiled
     sig = next(o.signature for o in tiny_llama_trace.ops
                if o.op in GEMM_OPS and o.module.endswith("gate_up_proj"))
-    Predictor(db, env).latency(sig, {"num_tokens": 64})
+    predictor = Predictor(db, env)
+    predictor.latency(sig, {"num_tokens": 64})
+    assert db.fit(env.key, sig) is None  # cached only once the prediction succeeded
+    predictor.save_fits()
     digest, model = db.fit(env.key, sig)
     assert json.loads(model)["kind"] == "curve"
-    Predictor(db, env).latency(sig, {"num_tokens": 64})
-    assert db.fit(env.key, sig)[0] == digest  # same data: the stored fit is reused
+    predictor = Predictor(db, env)
+    predictor.latency(sig, {"num_tokens": 64})
+    assert not predictor._unsaved  # same data: the stored fit is reused
     db.add_measurement(env.key, Measurement(sig, "num_tokens=64", 1.0, 1.0, 1.0, 5, 0.1), None)
-    Predictor(db, env).latency(sig, {"num_tokens": 64})
+    predictor = Predictor(db, env)
+    predictor.latency(sig, {"num_tokens": 64})
+    predictor.save_fits()
     assert db.fit(env.key, sig)[0] != digest  # new point: refit
 
 
