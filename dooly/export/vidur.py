@@ -470,6 +470,13 @@ def _manifest(model, trace, env, url, parts, unplaced, mlp, attention, all_reduc
                                 "count": 1, "reason": "Vidur 0.0.26 has no precision axis: the attention rows are "
                                 "this KV dtype's measured kernels and --cache_config_num_blocks is the blocks it "
                                 "gives, but Vidur's own memory planning would assume the model dtype"})
+    quantization = trace.config.get("quantization_config")
+    if isinstance(quantization, dict):
+        scheme = quantization.get("quant_method", "?") + (f" {quantization['format']}" if quantization.get("format") else "")
+        not_represented.append({"module": "model.layers.*", "op": f"weights quantized ({scheme})", "count": 1,
+                                "reason": "Vidur 0.0.26 has no precision axis: the GEMM rows are the quantized "
+                                "kernels' measured times (activation quantization included), but Vidur's own memory "
+                                "planning would size the weights in the model dtype"})
     if all_reduce is None:
         not_filled.append({"what": "network all_reduce.csv", "reason": "Vidur reads it only at tensor_parallel_size "
                            "> 1; export with --tensor-parallel-size K from a `dooly profile --tp K` database"})

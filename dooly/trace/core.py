@@ -27,6 +27,34 @@ def check_tensor_parallel(spec: ModelSpec, tensor_parallel_size: int, option: st
                          f"{spec.name} nor is a multiple of it (for vLLM to replicate the KV heads)")
 
 
+def check_quantization(spec: ModelSpec, tensor_parallel_size: int) -> None:
+    """A `quantization_config` whose weight group size does not divide a linear layer's input (as each
+    rank holds it) names the layer's input in one line, before any engine runs."""
+    qc = spec.config.get("quantization_config")
+    if qc is None:
+        return
+    if not isinstance(qc, dict) or not isinstance(qc.get("quant_method"), str):
+        raise DoolyError(f"{spec.name}: quantization_config must be a mapping with a quant_method")
+    sizes = [qc.get("group_size")] + [(g.get("weights") or {}).get("group_size")
+                                      for g in (qc.get("config_groups") or {}).values() if isinstance(g, dict)]
+    params = config_params(spec.config, tensor_parallel_size)
+    inputs = {"hidden_size": params["hidden_size"],
+              "head_dim*num_attention_heads/tp": params["head_dim"] * params["num_attention_heads"]
+              // tensor_parallel_size}
+    if "intermediate_size" in params:
+        inputs["intermediate_size/tp"] = params["intermediate_size"] // tensor_parallel_size
+    for g in sizes:
+        if g is None or g == -1:  # per-channel
+            continue
+        if not isinstance(g, int) or isinstance(g, bool) or g <= 0:
+            raise DoolyError(f"{spec.name}: quantization_config group_size must be a positive integer or -1, got {g!r}")
+        for name, dim in inputs.items():
+            if dim % g:
+                raise DoolyError(f"{spec.name}: quantization_config group_size {g} does not divide the input of a "
+                                 f"linear layer, {name} = {dim}" + (f" at tp {tensor_parallel_size}"
+                                                                    if tensor_parallel_size > 1 else ""))
+
+
 def trace_model(spec: ModelSpec, engine: str = "vllm", tensor_parallel_size: int = 1, dtype: str = "bfloat16",
                 hints: tuple[int, int] | None = None, attention_backend: str | None = None,
                 cache: bool = False, kv_cache_dtype: str | None = None) -> Trace:
@@ -40,6 +68,7 @@ def trace_model(spec: ModelSpec, engine: str = "vllm", tensor_parallel_size: int
     if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
         raise DoolyError(f"tensor-parallel degree must be a positive integer, got {tensor_parallel_size!r}")
     check_tensor_parallel(spec, tensor_parallel_size)
+    check_quantization(spec, tensor_parallel_size)
     params = config_params(spec.config, tensor_parallel_size)
     eng = get_engine(engine)
     kwargs: dict = {"hints": hints} if hints else {}

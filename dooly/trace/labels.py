@@ -142,6 +142,12 @@ class Solver:
         if len(set(values)) == 1:
             return str(values[0]), True
         hit = self.table.get(tuple(values))
+        if hit is None and min(values) > 4:
+            # int8 weights VNNI-packed for the SGL kernels (`_C::convert_weight_packed`) carry a 4-byte
+            # compensation term per row: K + 4
+            padded = self.table.get(tuple(v - 4 for v in values))
+            if padded is not None and len(padded[1]) == 1:
+                return f"{padded[1][0]} + 4", True
         if hit is None or len(hit[1]) > 1:
             return f"?{values[0]}", False
         return str(hit[1][0]), True

@@ -24,6 +24,27 @@ def _onednn_mm(args, kwargs):
     return [out, x, bias, handler.handler_tensor], kwargs, [weight, handler]
 
 
+@replay_rule("_C::onednn_scaled_mm")
+def _onednn_scaled_mm(args, kwargs):
+    # _C::onednn_scaled_mm(out [M, N], x int8 [M, K], x scale ([M, 1] dynamic, a scalar static)?,
+    # x zero point?, azp adjustment?, bias?, handle): the int8 weight lives in the oneDNN handle, built
+    # the way vLLM's CPU int8 kernel builds it at load (`ops.create_onednn_scaled_mm` of the [K, N]
+    # view of a fresh random int8 [N, K] weight, per-channel fp32 scales).
+    import vllm._custom_ops as ops
+
+    out, x, x_scale, x_zp = args[0], args[1], args[2], args[3]
+    n, k = out.shape[-1], x.shape[-1]
+    weight = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    scales = torch.rand(n, 1, dtype=torch.float32) * 1e-2 + 1e-3
+    dynamic = x_scale is not None and x_scale.dim() == 2
+    handler = ops.create_onednn_scaled_mm(weight.t(), scales, out.dtype, dynamic, x_zp is not None, 32)
+    args = list(args)
+    if x_scale is not None:  # positive scales, as the quantization op computes them
+        args[2] = x_scale.abs() + 1e-3
+    args[6] = handler.handler_tensor
+    return args, kwargs, [weight, scales, handler]
+
+
 @replay_rule("_C::weight_packed_linear")
 def _weight_packed_linear(args, kwargs):
     # _C::weight_packed_linear(out [M, N], x [M, K], packed, bias [N] fp32?, is_vnni): the packed
@@ -36,6 +57,22 @@ def _weight_packed_linear(args, kwargs):
     if tuple(args[2].shape) != tuple(packed.shape) or args[2].dtype != packed.dtype:
         raise NotReplayable(f"_C::convert_weight_packed gave {tuple(args[2].shape)} {args[2].dtype} here, "
                             f"the trace has {tuple(packed.shape)} {packed.dtype}")
+    return args, kwargs, [weight]
+
+
+@replay_rule("_C::int8_scaled_mm_with_quant")
+def _int8_scaled_mm_with_quant(args, kwargs):
+    # _C::int8_scaled_mm_with_quant(x [M, K], packed int8 [N, K + 4], scales fp32 [N, 1], bias fp32?,
+    # out dtype, is_vnni): vLLM's CPU int8 kernel on AMX machines quantizes x itself; its weight is
+    # packed at load by _C::convert_weight_packed of the int8 [N, K] weight, packed here the same way.
+    x, packed = args[0], args[1]
+    weight = torch.randint(-127, 128, (packed.shape[0], x.shape[-1]), dtype=torch.int8)
+    args = list(args)
+    args[1] = torch.ops._C.convert_weight_packed(weight)
+    if tuple(args[1].shape) != tuple(packed.shape) or args[1].dtype != packed.dtype:
+        raise NotReplayable(f"_C::convert_weight_packed gave {tuple(args[1].shape)} {args[1].dtype} here, "
+                            f"the trace has {tuple(packed.shape)} {packed.dtype}")
+    args[2] = args[2].abs() + 1e-3  # positive per-channel scales
     return args, kwargs, [weight]
 
 

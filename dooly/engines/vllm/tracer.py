@@ -63,22 +63,36 @@ def as_tp_rank(tensor_parallel_size: int, rank: int = 0):
 class _FakeOneDNNHandler:
     """Stands in for the oneDNN handle object while weights are fake (no data to pack)."""
 
-    def __init__(self, weight: torch.Tensor, primitive_cache_size: int = 128):
+    def __init__(self, weight: torch.Tensor, *_options):  # create_onednn_mm / create_onednn_scaled_mm
         self.k, self.n = weight.size()
         self.handler_tensor = torch.tensor(0, dtype=torch.int64)
 
 
 @contextlib.contextmanager
 def _weights_without_data():
-    """vLLM's CPU weight post-processing, minus the steps that read weight data."""
+    """vLLM's CPU weight post-processing, minus the steps that read weight data: the oneDNN handles
+    (bf16 and int8 weights) and a quantized checkpoint's KV-cache scales (read with `.item()`; the
+    KV cache's dtype, not its scales, decides the kernels)."""
     import vllm._custom_ops as ops
+    from vllm.model_executor.layers.quantization.compressed_tensors import compressed_tensors
+    from vllm.model_executor.layers.quantization.kv_cache import BaseKVCacheMethod
 
-    saved = ops.create_onednn_mm
-    ops.create_onednn_mm = _FakeOneDNNHandler
+    kv_methods = [m for m in vars(compressed_tensors).values()
+                  if isinstance(m, type) and issubclass(m, BaseKVCacheMethod) and m is not BaseKVCacheMethod]
+    saved = ops.create_onednn_mm, ops.create_onednn_scaled_mm, {m: m.__dict__.get("process_weights_after_loading")
+                                                                  for m in kv_methods}
+    ops.create_onednn_mm = ops.create_onednn_scaled_mm = _FakeOneDNNHandler
+    for m in kv_methods:
+        m.process_weights_after_loading = lambda self, layer: None
     try:
         yield
     finally:
-        ops.create_onednn_mm = saved
+        ops.create_onednn_mm, ops.create_onednn_scaled_mm, methods = saved
+        for m, f in methods.items():
+            if f is None:
+                del m.process_weights_after_loading  # inherited again
+            else:
+                m.process_weights_after_loading = f
 
 
 def attention_describer(cfg):
@@ -166,6 +180,16 @@ def private_rope_cache():
         rotary_embedding._ROPE_DICT.update(saved)
 
 
+def quantization_name(config: dict) -> str | None:
+    """The checkpoint's quantization as its config names it ("compressed-tensors int-quantized",
+    "awq", ...), None for an unquantized model."""
+    qc = config.get("quantization_config")
+    if not isinstance(qc, dict):
+        return None
+    method = str(qc.get("quant_method", "?"))
+    return f"{method} {qc['format']}" if qc.get("format") else method
+
+
 def run_trace(config: dict, tensor_parallel_size: int = 1, dtype: str = "bfloat16", rank: int = 0,
               hints: tuple[int, int] = (37, 3), attention_backend: str | None = None,
               pinned: dict | None = None, kv_cache_dtype: str | None = None) -> RunResult:
@@ -184,10 +208,16 @@ def run_trace(config: dict, tensor_parallel_size: int = 1, dtype: str = "bfloat1
     with worker_context(cfg), private_rope_cache(), fake_kernels():
         shape_env = ShapeEnv(specialize_zero_one=False)
         fm = FakeTensorMode(shape_env=shape_env, allow_non_fake_inputs=True)
+        quant = quantization_name(config)
         try:
             model, dispatch = build_fake_model(cfg, fm, tensor_parallel_size, rank, pinned)
-        except (AssertionError, ValueError, NotImplementedError, RuntimeError) as e:
+        except (AssertionError, ValueError, NotImplementedError, RuntimeError, AttributeError, TypeError) as e:
             why = unsupported_op_message(e) or (str(e).splitlines()[0] if str(e) else type(e).__name__)
+            if quant:  # a scheme whose CPU kernels need weight data to set up, or that this build lacks
+                raise DoolyError(f"{arch} quantized as {quant} cannot be traced here: vLLM's CPU weight set-up for "
+                                 f"it failed ({why}); traced schemes: compressed-tensors int8 W8A8") from None
+            if isinstance(e, (AttributeError, TypeError)):
+                raise
             raise DoolyError(f"vLLM could not build {arch} at tp={tensor_parallel_size}: {why}") from None
         try:
             ops, symbols = _forward(model, cfg, fm, hints, tensor_parallel_size, rank)
