@@ -42,22 +42,16 @@ def redact(url: str) -> str:
     return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", url)
 
 
-SQLITE_HEADER = b"SQLite format 3\x00"
-
-
 class NoDatabase(DoolyError):
     """The URL holds no dooly database yet (no file, an empty one, an in-memory one)."""
 
 
 def _check_sqlite_file(path: Path, create: bool) -> None:
-    """Refuse an existing file that is not an SQLite database, or (for a reader) an empty one, from
-    its first bytes. (An empty file is an empty SQLite database: a writer may fill it.)"""
-    with open(path, "rb") as f:
-        head = f.read(len(SQLITE_HEADER))
-    if not head and not create:
+    """Refuse, for a reader, an empty file. (An empty file is an empty SQLite database: a writer may
+    fill it.) The file is never opened outside SQLite: closing any descriptor of a file drops every
+    POSIX lock this process holds on it, those of its open SQLite connections included."""
+    if path.stat().st_size == 0 and not create:
         raise NoDatabase(f"{path} is an empty file, not a dooly database (run `dooly profile` first)")
-    if head and head != SQLITE_HEADER:
-        raise DoolyError(f"{path} is not an SQLite database; use another --db")
 
 
 class LatencyDB:
@@ -97,8 +91,15 @@ class LatencyDB:
         except (ArgumentError, NoSuchModuleError, ValueError) as e:
             raise DoolyError(f"malformed database URL {self.shown_url!r}: {_one_line(e)}") from None
         except (OperationalError, DBAPIError) as e:
+            if "not a database" in _one_line(e):
+                raise DoolyError(f"{self.shown_url} is not an SQLite database; use another --db") from None
             raise DoolyError(f"cannot open database {self.shown_url!r}: {_one_line(e)}") from None
-        self._check_schema(engine, create)  # reads only, until the database is accepted
+        try:
+            self._check_schema(engine, create)  # reads only, until the database is accepted
+        except DBAPIError as e:
+            if "not a database" in _one_line(e):
+                raise DoolyError(f"{self.shown_url} is not an SQLite database; use another --db") from None
+            raise DoolyError(f"cannot read database {self.shown_url!r}: {_one_line(e)}") from None
         if create and url.startswith("sqlite") and self.writable:
             # a writer's database: concurrent readers + one writer at a time (kept in the file)
             with engine.connect() as conn:

@@ -192,7 +192,8 @@ def _check_tp(spec, degrees) -> None:
     from dooly.trace.core import check_tensor_parallel
 
     for tensor_parallel_size in degrees:
-        check_tensor_parallel(spec, tensor_parallel_size, "bad grid value tensor_parallel_size")
+        check_tensor_parallel(spec, tensor_parallel_size,
+                              f"bad grid value tensor_parallel_size={tensor_parallel_size}: it")
 
 
 def engine_check(configs: list[Configuration], grid: dict) -> dict[str, str]:

@@ -15,16 +15,18 @@ from dooly.trace.records import Trace
 DTYPES = ("bfloat16", "float16", "float32")
 
 
-def check_tensor_parallel(spec: ModelSpec, tensor_parallel_size: int, option: str = "--tp") -> None:
+def check_tensor_parallel(spec: ModelSpec, tensor_parallel_size: int, what: str | None = None) -> None:
     """vLLM's rule: the degree divides the attention heads; it divides the KV heads too, or, when
-    there are fewer KV heads than ranks, is a multiple of them (each KV head is then replicated)."""
+    there are fewer KV heads than ranks, is a multiple of them (each KV head is then replicated).
+    `what`: how the message names the degree (default `--tp K`)."""
     params = config_params(spec.config, tensor_parallel_size)
     heads, kv_heads = params["num_attention_heads"], params["num_key_value_heads"]
+    what = what or f"--tp {tensor_parallel_size}"
     if heads % tensor_parallel_size:
-        raise DoolyError(f"{option} {tensor_parallel_size} does not divide num_attention_heads={heads} of {spec.name}")
+        raise DoolyError(f"{what} does not divide num_attention_heads={heads} of {spec.name}")
     if kv_heads % tensor_parallel_size and tensor_parallel_size % kv_heads:
-        raise DoolyError(f"{option} {tensor_parallel_size} neither divides num_key_value_heads={kv_heads} of "
-                         f"{spec.name} nor is a multiple of it (for vLLM to replicate the KV heads)")
+        raise DoolyError(f"{what} neither divides num_key_value_heads={kv_heads} of {spec.name} nor is a "
+                         f"multiple of it (for vLLM to replicate the KV heads)")
 
 
 def check_quantization(spec: ModelSpec, tensor_parallel_size: int) -> None:
