@@ -307,3 +307,22 @@ def test_interrupt_then_resume(tmp_path):
     r = dooly("profile", "dooly/tiny-llama", "--grid", "reduced", "--db", url, tmp=tmp_path)
     assert r.rc == 0, r.stderr[-2000:]
     assert "0 reused" in r.stdout and f"{kept} kept from an unfinished run" in r.stdout, r.stdout
+
+
+def test_quantization_configs_refused_in_one_line(tmp_path):
+    """A group size that does not divide a linear layer's input, and a scheme whose CPU weight set-up
+    the tracer cannot run (AWQ 4-bit): one line each, before any database is opened."""
+    from dooly.catalog import resolve
+
+    base = dict(resolve("dooly/tiny-llama").config)
+    awq = {"quant_method": "awq", "bits": 4, "version": "gemm", "zero_point": True}
+    bad_group = _write(tmp_path, "group/config.json", json.dumps({**base, "quantization_config": {**awq,
+                                                                                             "group_size": 96}}))
+    refused = _write(tmp_path, "awq/config.json", json.dumps({**base, "quantization_config": {**awq,
+                                                                                           "group_size": 128}}))
+    db = tmp_path / "never.db"
+    one_error(dooly("profile", bad_group, "--grid", "reduced", "--db", f"sqlite:///{db}", tmp=tmp_path), 2,
+              "group_size 96 does not divide", "hidden_size = 512")
+    one_error(dooly("profile", refused, "--grid", "reduced", "--db", f"sqlite:///{db}", tmp=tmp_path), 2,
+              "quantized as awq cannot be traced here")
+    assert not db.exists()
