@@ -293,7 +293,7 @@ def profile(
                       + ("" if plan_.scales else " (rough: no measurements here yet to scale the estimate by)"))
         return
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True) as bar:
+                  console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task("profiling", total=None)
 
         def tick(op, done, total):
@@ -678,7 +678,7 @@ def _run_search(models, workload, slo, grid, db, requests, rate_min, rate_max, t
     from dooly.search import search as run
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True) as bar:
+                  console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task("configurations", total=None)
         return run(models, workload, slo, grid or None, db=db, requests=requests, rate_min=rate_min,
                    rate_max=rate_max, tolerance=tolerance, seed=seed, use_ray=False if no_ray else None,
@@ -778,7 +778,7 @@ def capacity(
     """Replicas and devices to serve RATE under the SLO, with the configuration of most goodput per device.
 
     Exit status: 0 with a plan, 3 when no configuration meets the SLO, 2 on an error."""
-    from dooly.search.core import plan_capacity
+    from dooly.search.core import missing_data, plan_capacity
 
     try:
         if not rate > 0:
@@ -806,10 +806,9 @@ def capacity(
     table.add_row("margin", f"{100 * p['margin']:.1f}% (replicas x goodput / rate - 1)")
     console.print(table)
     console.print(f"{len(res.configs)} configurations searched in {res.seconds:.1f} s, {res.ran_on}", highlight=False)
-    from dooly.search.core import missing_data
-
-    if missing_data(res):
-        console.print(f"not searched: {missing_data(res)}", highlight=False, soft_wrap=True)
+    missing = missing_data(res)
+    if missing:
+        console.print(f"not searched: {missing}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

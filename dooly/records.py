@@ -173,6 +173,16 @@ METADATA_OPS = frozenset({
 TORCH_COLLECTIVE_PREFIXES = ("c10d::",)
 
 
+def quantization_name(config: dict) -> str | None:
+    """A checkpoint's weight quantization as its config.json names it ("compressed-tensors
+    int-quantized", "awq", ...); None for an unquantized model."""
+    qc = config.get("quantization_config")
+    if not isinstance(qc, dict):
+        return None
+    method = str(qc.get("quant_method", "?"))
+    return f"{method} {qc['format']}" if qc.get("format") else method
+
+
 def is_metadata_op(op: str) -> bool:
     return op in METADATA_OPS
 

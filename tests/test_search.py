@@ -275,6 +275,9 @@ def test_cli_exit_codes_and_outputs(profiled, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     plan = json.loads(r.stdout)
     assert plan["replicas"] == math.ceil(50 / plan["goodput_rps"]) and plan["devices"] == plan["replicas"]
+    r = _cli("capacity", *common, "--slo", "ttft_p99=0.001ms", "--rate", "50", "--json")
+    assert r.returncode == 3, r.stderr[-2000:]  # every configuration had its data: the verdict stands
+    assert json.loads(r.stdout)["plan"] is None and r.stderr.startswith("error: no configuration of")
 
 
 @pytest.mark.parametrize("extra, names", [

@@ -46,28 +46,22 @@ class NoDatabase(DoolyError):
     """The URL holds no dooly database yet (no file, an empty one, an in-memory one)."""
 
 
-def _check_sqlite_file(path: Path, create: bool) -> None:
-    """Refuse, for a reader, an empty file. (An empty file is an empty SQLite database: a writer may
-    fill it.) The file is never opened outside SQLite: closing any descriptor of a file drops every
-    POSIX lock this process holds on it, those of its open SQLite connections included."""
-    if path.stat().st_size == 0 and not create:
-        raise NoDatabase(f"{path} is an empty file, not a dooly database (run `dooly profile` first)")
-
-
 class LatencyDB:
     """A handle on one latency database URL.
 
     create=True: a writer (profile, calibrate) that may create the database and its tables.
     create=False: the database must exist and hold dooly's schema; a read-only SQLite file is opened
     read-only (`writable` is False and writes are refused).
-    Nothing is written to a database before it is accepted: an SQLite file is inspected read-only
-    first, and only a writer switches it to write-ahead logging.
+    Nothing is written to a database before it is accepted: its schema is only read until then, and
+    only a writer switches an SQLite file to write-ahead logging. The file itself is never opened
+    outside SQLite: closing any descriptor of a file drops every POSIX lock this process holds on it,
+    those of its open SQLite connections included.
     """
 
     def __init__(self, url: str | None = None, *, create: bool = True):
         if url is not None and not url.strip():
             raise DoolyError("empty database URL: give sqlite:///PATH or postgresql+psycopg://... "
-                             f"(or leave --db out for $DOOLY_DB / the default)")
+                             "(or leave --db out for $DOOLY_DB / the default)")
         self.url = default_url() if url is None else url
         self.shown_url = redact(self.url)
         self.writable = True
@@ -86,6 +80,7 @@ class LatencyDB:
                 engine = create_engine(url, pool_pre_ping=True)
             with engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
+            self._check_schema(engine, create)  # reads only, until the database is accepted
         except DoolyError:
             raise
         except (ArgumentError, NoSuchModuleError, ValueError) as e:
@@ -94,12 +89,6 @@ class LatencyDB:
             if "not a database" in _one_line(e):
                 raise DoolyError(f"{self.shown_url} is not an SQLite database; use another --db") from None
             raise DoolyError(f"cannot open database {self.shown_url!r}: {_one_line(e)}") from None
-        try:
-            self._check_schema(engine, create)  # reads only, until the database is accepted
-        except DBAPIError as e:
-            if "not a database" in _one_line(e):
-                raise DoolyError(f"{self.shown_url} is not an SQLite database; use another --db") from None
-            raise DoolyError(f"cannot read database {self.shown_url!r}: {_one_line(e)}") from None
         if create and url.startswith("sqlite") and self.writable:
             # a writer's database: concurrent readers + one writer at a time (kept in the file)
             with engine.connect() as conn:
@@ -119,7 +108,8 @@ class LatencyDB:
             self.writable = os.access(p, os.W_OK) and bool(p.stat().st_mode & 0o222)
             if create and not self.writable:
                 raise DoolyError(f"database file {p} is read-only: dooly cannot store measurements in it")
-            _check_sqlite_file(p, create)
+            if p.stat().st_size == 0 and not create:  # an empty SQLite database: a writer may fill it
+                raise NoDatabase(f"{p} is an empty file, not a dooly database (run `dooly profile` first)")
         else:
             if not create:
                 raise NoDatabase(f"no database at {p} (run `dooly profile` first)")
@@ -236,9 +226,8 @@ class LatencyDB:
         """id -> (op, canonical text) of the given signatures the database holds."""
         sg = S.signatures
         with self.engine.connect() as conn:
-            rows = conn.execute(select(sg.c.id, sg.c.op, sg.c.text)).all()
-        wanted = set(ids)
-        return {i: (op, t) for i, op, t in rows if i in wanted}
+            rows = conn.execute(select(sg.c.id, sg.c.op, sg.c.text).where(sg.c.id.in_(list(ids)))).all()
+        return {i: (op, t) for i, op, t in rows}
 
     def signature_text(self, signature: str) -> str | None:
         with self.engine.connect() as conn:

@@ -54,7 +54,7 @@ import pandas as pd
 from dooly.deployment import Deployment
 from dooly.engine_interface import get_engine
 from dooly.errors import DoolyError
-from dooly.records import DEFAULT_OPTIONS, EngineOptions
+from dooly.records import DEFAULT_OPTIONS, EngineOptions, quantization_name
 
 VIDUR_VERSION = "0.0.26"  # the PyPI release bench/vidur_dropin.py runs these files with
 KV_GRANULARITY = 256  # Vidur 0.0.26's default kv_cache_prediction_granularity
@@ -470,9 +470,8 @@ def _manifest(model, trace, env, url, parts, unplaced, mlp, attention, all_reduc
                                 "count": 1, "reason": "Vidur 0.0.26 has no precision axis: the attention rows are "
                                 "this KV dtype's measured kernels and --cache_config_num_blocks is the blocks it "
                                 "gives, but Vidur's own memory planning would assume the model dtype"})
-    quantization = trace.config.get("quantization_config")
-    if isinstance(quantization, dict):
-        scheme = quantization.get("quant_method", "?") + (f" {quantization['format']}" if quantization.get("format") else "")
+    scheme = quantization_name(trace.config)
+    if scheme:
         not_represented.append({"module": "model.layers.*", "op": f"weights quantized ({scheme})", "count": 1,
                                 "reason": "Vidur 0.0.26 has no precision axis: the GEMM rows are the quantized "
                                 "kernels' measured times (activation quantization included), but Vidur's own memory "

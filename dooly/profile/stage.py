@@ -33,7 +33,7 @@ def plan_models(models: list[str], *, engine: str = "vllm", db: str | None = Non
         raise DoolyError("give models or --suite NAME")
     specs = [resolve(m) for m in models]
     eng = get_engine(engine)
-    _existing(db)  # a file that is not a dooly database is refused before any tracing
+    existing = _existing(db)  # a file that is not a dooly database is refused before any tracing
     traces = [
         trace_model(
             s,
@@ -46,7 +46,7 @@ def plan_models(models: list[str], *, engine: str = "vllm", db: str | None = Non
         for s in specs
     ]
     # opened after tracing: a model or option the engine refuses leaves no database behind
-    database = LatencyDB(db) if create_db else _existing(db)
+    database = LatencyDB(db) if create_db else existing
     env = current_environment(
         engine, eng.version(), dtype, threads or default_threads(tensor_parallel_size), tensor_parallel_size
     )

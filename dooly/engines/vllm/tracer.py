@@ -19,6 +19,7 @@ from dooly.engine_interface import RunResult
 from dooly.engines.vllm.kernels import dispatch_key, fake_kernels, gemm_dispatch, unsupported_op_message
 from dooly.engines.vllm.setup import engine_config, worker_context, write_model_dir
 from dooly.errors import DoolyError
+from dooly.records import quantization_name
 from dooly.trace.recorder import record_ops
 
 class _ShmCollectives:
@@ -178,16 +179,6 @@ def private_rope_cache():
     finally:
         rotary_embedding._ROPE_DICT.clear()
         rotary_embedding._ROPE_DICT.update(saved)
-
-
-def quantization_name(config: dict) -> str | None:
-    """The checkpoint's quantization as its config names it ("compressed-tensors int-quantized",
-    "awq", ...), None for an unquantized model."""
-    qc = config.get("quantization_config")
-    if not isinstance(qc, dict):
-        return None
-    method = str(qc.get("quant_method", "?"))
-    return f"{method} {qc['format']}" if qc.get("format") else method
 
 
 def run_trace(config: dict, tensor_parallel_size: int = 1, dtype: str = "bfloat16", rank: int = 0,
