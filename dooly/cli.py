@@ -44,7 +44,7 @@ def _fail(e: Exception) -> None:
 
 
 def _trace(model: str, engine: str, tensor_parallel_size: int, dtype: str, attention_backend: str | None = None,
-           kv_cache_dtype: str | None = None):
+           kv_cache_dtype: str | None = None, quantization: str | None = None):
     from dooly.catalog import resolve
     from dooly.trace import trace_model
 
@@ -55,9 +55,12 @@ def _trace(model: str, engine: str, tensor_parallel_size: int, dtype: str, atten
         dtype=dtype,
         attention_backend=attention_backend,
         kv_cache_dtype=kv_cache_dtype,
+        quantization=quantization,
     )
 
 
+_Q_HELP = ("weight quantization as vLLM's --quantization spells it (default: the checkpoint's own "
+           "quantization_config, or none); e.g. compressed-tensors, awq, fp8")
 _KVD_HELP_T = "KV-cache storage as vLLM spells it: auto | fp8 | fp8_e4m3 | fp8_e5m2 (changes the attention kernels)"
 _KVD_HELP = "KV-cache storage as vLLM spells it: auto (the model's dtype) | fp8 | fp8_e4m3 | fp8_e5m2 (what the backend offers)"
 _BACKEND_HELP = ("attention backend (vllm: CPU_ATTN here, FLASH_ATTN | FLASHINFER | TRITON_ATTN on GPUs; "
@@ -92,12 +95,13 @@ def trace(
     all_ops: bool = typer.Option(False, "--all", help="table: also show views and other metadata-only ops"),
     attention_backend: Optional[str] = typer.Option(None, help=_BACKEND_HELP),
     kv_cache_dtype: str = typer.Option("auto", help=_KVD_HELP_T),
+    quantization: Optional[str] = typer.Option(None, help=_Q_HELP),
 ) -> None:
     """Trace one engine step and print every op with its dims labelled by origin."""
     if fmt not in ("table", "json"):
         _fail(DoolyError(f"unknown format {fmt!r}; formats: table, json"))
     try:
-        t = _trace(model, engine, tensor_parallel_size, dtype, attention_backend, kv_cache_dtype)
+        t = _trace(model, engine, tensor_parallel_size, dtype, attention_backend, kv_cache_dtype, quantization)
     except DoolyError as e:
         _fail(e)
     if fmt == "json":
@@ -193,6 +197,7 @@ def plan(
     dtype: str = typer.Option("bfloat16"),
     attention_backend: Optional[str] = typer.Option(None, help=_BACKEND_HELP),
     kv_cache_dtype: str = typer.Option("auto", help=_KVD_HELP_T),
+    quantization: Optional[str] = typer.Option(None, help=_Q_HELP),
 ) -> None:
     """Show how many operation signatures each model shares with the ones before it."""
     from dooly.catalog import suite as suite_models
@@ -202,7 +207,8 @@ def plan(
         names = list(models or []) + (suite_models(suite) if suite else [])
         if not names:
             raise DoolyError("give models or --suite NAME")
-        traces = [_trace(m, engine, tensor_parallel_size, dtype, attention_backend, kv_cache_dtype) for m in names]
+        traces = [_trace(m, engine, tensor_parallel_size, dtype, attention_backend, kv_cache_dtype, quantization)
+                  for m in names]
     except DoolyError as e:
         _fail(e)
     rows, unique = make_plan(traces)
@@ -247,6 +253,7 @@ def profile(
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan, measure nothing"),
     attention_backend: Optional[str] = typer.Option(None, help=_BACKEND_HELP),
     kv_cache_dtype: str = typer.Option("auto", help=_KVD_HELP_T),
+    quantization: Optional[str] = typer.Option(None, help=_Q_HELP),
     ray_address: Optional[str] = typer.Option(
         None, help="split the missing points across the workers of this Ray cluster (HOST:PORT, ray://..., "
                    "auto; 'local' starts one here), all writing to --db (PostgreSQL for a multi-machine cluster)"),
@@ -273,6 +280,7 @@ def profile(
                           max_num_seqs=max_num_seqs or min(VLLM_MAX_NUM_SEQS, max_num_batched_tokens)),
             attention_backend=attention_backend,
             kv_cache_dtype=kv_cache_dtype,
+            quantization=quantization,
         )
         if dry_run:
             plan_, _ = plan_models(names, create_db=False, **options)
@@ -402,6 +410,7 @@ def simulate(
     enable_chunked_prefill: bool = typer.Option(True, "--enable-chunked-prefill/--no-enable-chunked-prefill"),
     kv_cache_gib: float = typer.Option(DEFAULT_OPTIONS.kv_cache_gib, help=_KV_HELP),
     kv_cache_dtype: str = typer.Option(DEFAULT_OPTIONS.kv_cache_dtype, help=_KVD_HELP),
+    quantization: Optional[str] = typer.Option(None, help=_Q_HELP),
     num_gpu_blocks: Optional[int] = typer.Option(None, help="KV-cache blocks (default: what --kv-cache-gib gives)"),
     tensor_parallel_size: int = typer.Option(
         1, "--tensor-parallel-size", "--tp", help="TP degree (needs the model profiled with --tensor-parallel-size K)"
@@ -417,7 +426,7 @@ def simulate(
         options = EngineOptions(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                 enable_prefix_caching=enable_prefix_caching,
                                 enable_chunked_prefill=enable_chunked_prefill, kv_cache_gib=kv_cache_gib,
-                                kv_cache_dtype=kv_cache_dtype)
+                                kv_cache_dtype=kv_cache_dtype, quantization=quantization)
         res = run(model, workload, db=db, dtype=dtype, tensor_parallel_size=tensor_parallel_size, options=options,
                   num_gpu_blocks=num_gpu_blocks)
     except DoolyError as e:
@@ -492,6 +501,7 @@ def validate(
         help="the real engine's KV-cache space per worker, GiB (the simulator " "gets the blocks the engine reports)",
     ),
     kv_cache_dtype: str = typer.Option(DEFAULT_OPTIONS.kv_cache_dtype, help=_KVD_HELP),
+    quantization: Optional[str] = typer.Option(None, help=_Q_HELP),
     tensor_parallel_size: int = typer.Option(
         1, "--tensor-parallel-size", "--tp", help="TP degree: the engine runs one worker per core"
     ),
@@ -508,7 +518,7 @@ def validate(
         options = EngineOptions(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                 enable_prefix_caching=enable_prefix_caching,
                                 enable_chunked_prefill=enable_chunked_prefill, kv_cache_gib=kv_cache_gib,
-                                kv_cache_dtype=kv_cache_dtype)
+                                kv_cache_dtype=kv_cache_dtype, quantization=quantization)
         results = run(model, workload, db=db, dtype=dtype, repeats=repeats, options=options,
                       tensor_parallel_size=tensor_parallel_size, split_ops=split_ops,
                       progress=lambda msg: err.print(f"[dim]{escape(msg)}[/dim]"))
@@ -627,6 +637,7 @@ def export_vidur(
     ),
     kv_cache_gib: float = typer.Option(DEFAULT_OPTIONS.kv_cache_gib, help=_KV_HELP),
     kv_cache_dtype: str = typer.Option(DEFAULT_OPTIONS.kv_cache_dtype, help=_KVD_HELP),
+    quantization: Optional[str] = typer.Option(None, help=_Q_HELP),
     device: str = typer.Option("cpu", help="Vidur device / node SKU name the files are filed under"),
     tensor_parallel_size: int = typer.Option(
         1,
@@ -642,7 +653,7 @@ def export_vidur(
         if engine != "vllm":
             raise DoolyError(f"engine {engine!r} cannot be exported to Vidur; engines: vllm")
         options = EngineOptions(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                kv_cache_gib=kv_cache_gib, kv_cache_dtype=kv_cache_dtype)
+                                kv_cache_gib=kv_cache_gib, kv_cache_dtype=kv_cache_dtype, quantization=quantization)
         res = run(model, out, db=db, dtype=dtype, options=options, device=device,
                   tensor_parallel_size=tensor_parallel_size)
     except DoolyError as e:

@@ -59,6 +59,10 @@ class Deployment:
             from dooly.trace.core import check_kv_cache_dtype
 
             check_kv_cache_dtype(get_engine(engine), options.kv_cache_dtype, options.attention_backend)
+        if options.quantization is not None:
+            from dooly.trace.core import check_quantization_method
+
+            check_quantization_method(get_engine(engine), options.quantization)
         settings = scheduler_settings(spec.config, dtype, engine, **options.engine_kwargs(tensor_parallel_size))
         threads = threads or default_threads(tensor_parallel_size)
         env = current_environment(engine, get_engine(engine).version(), dtype, threads, tensor_parallel_size)

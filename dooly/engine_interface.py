@@ -49,6 +49,7 @@ class Engine:
       shape_free_options         trace options that change kernels but no traced shape (the labelling
                                  runs on perturbed configs go without them)
       kv_cache_dtypes(backend)   the KV-cache storage dtypes an attention backend offers ("auto" first)
+      quantization_methods()     the weight-quantization methods its --quantization takes (none: [])
       run_trace(config, tp, dtype, pinned=None, **options) -> RunResult
                                  one traced forward pass per phase; `pinned` = another run's `dispatch`
     Profiling:
@@ -120,6 +121,9 @@ class Engine:
 
     def kv_cache_dtypes(self, attention_backend: str | None = None) -> list[str]:
         return ["auto"]
+
+    def quantization_methods(self) -> list[str]:
+        return []
 
     def run_trace(
         self,

@@ -25,6 +25,8 @@ class EngineOptions:
     #                            the real CPU engine takes whole GiB, the simulator any size)
     kv_cache_dtype: str = "auto"  # KV-cache storage as vLLM spells it ("auto": the model's dtype; "fp8", ...):
     #                                what the attention backend offers is checked by Deployment.resolve
+    quantization: str | None = None  # weight quantization as vLLM's --quantization spells it (None: the
+    #                                  checkpoint's own quantization_config, or none); checked by Deployment.resolve
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens"):
@@ -38,6 +40,8 @@ class EngineOptions:
             raise DoolyError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib!r}")
         if not isinstance(self.kv_cache_dtype, str) or not self.kv_cache_dtype:
             raise DoolyError(f"kv_cache_dtype must be a name such as auto or fp8, got {self.kv_cache_dtype!r}")
+        if self.quantization is not None and (not isinstance(self.quantization, str) or not self.quantization):
+            raise DoolyError(f"quantization must be a method name such as compressed-tensors, got {self.quantization!r}")
 
     def engine_kwargs(self, tensor_parallel_size: int = 1) -> dict:
         """The scheduler-relevant options as the engine's config builder takes them."""
@@ -52,12 +56,16 @@ class EngineOptions:
             kw["attention_backend"] = self.attention_backend
         if self.kv_cache_dtype != "auto":
             kw["kv_cache_dtype"] = self.kv_cache_dtype
+        if self.quantization is not None:
+            kw["quantization"] = self.quantization
         return kw
 
     def trace_options(self) -> dict:
-        """The options that change what a traced step runs (its attention kernel and KV storage)."""
+        """The options that change what a traced step runs (its attention kernel, KV storage and weight
+        quantization)."""
         return {"attention_backend": self.attention_backend,
-                "kv_cache_dtype": None if self.kv_cache_dtype == "auto" else self.kv_cache_dtype}
+                "kv_cache_dtype": None if self.kv_cache_dtype == "auto" else self.kv_cache_dtype,
+                "quantization": self.quantization}
 
     def replace(self, **changes) -> "EngineOptions":
         """A copy with some options changed (None values are ignored: "not given")."""

@@ -326,3 +326,19 @@ def test_quantization_configs_refused_in_one_line(tmp_path):
     one_error(dooly("profile", refused, "--grid", "reduced", "--db", f"sqlite:///{db}", tmp=tmp_path), 2,
               "quantized as awq cannot be traced here")
     assert not db.exists()
+
+
+def test_quantization_flags_refused_in_one_line(case, tmp_path):
+    """An unknown --quantization, a checkpoint method on an unquantized model, and an online method
+    this CPU build has no kernel for (FP8): one line each, naming the method, the database untouched."""
+    path, url = case
+    before = _sha(path)
+    one_error(dooly("profile", "dooly/tiny-llama", "--quantization", "int3", "--db", url, tmp=tmp_path), 2,
+              "unknown --quantization 'int3'", "compressed-tensors")
+    one_error(dooly("simulate", "dooly/tiny-llama", "--quantization", "gptq", "--workload", WL, "--db", url,
+                    tmp=tmp_path), 2, "--quantization gptq reads a checkpoint quantized that way", "fp8")
+    one_error(dooly("profile", "dooly/tiny-llama", "--quantization", "fp8", "--grid", "reduced", "--db", url,
+                    tmp=tmp_path), 2, "quantized as fp8 cannot be traced here", "no CPU kernel for")
+    one_error(dooly("search", "dooly/tiny-llama", "--grid", "quantization=auto,int3", "--workload", WL,
+                    "--slo", "ttft_p99=10s", "--db", url, "--no-ray", tmp=tmp_path), 2, "quantization=int3")
+    assert _sha(path) == before

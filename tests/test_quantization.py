@@ -120,3 +120,30 @@ def test_bad_quantization_configs_are_one_line(w8a8, changes, needle):
     with pytest.raises(DoolyError, match=needle.replace("(", r"\(")) as e:
         trace_model(_with_quantization(w8a8, **changes))
     assert "\n" not in str(e.value)
+
+
+def test_quantization_flag_names_the_checkpoints_method_or_is_refused(w8a8, w8a8_trace):
+    """`--quantization` as vLLM spells it: the checkpoint's own method traces the same step (and the
+    trace remembers it, for the profile command it suggests); another checkpoint method is vLLM's
+    mismatch, in one line."""
+    from dooly.predict.step import profile_command
+    from dooly.trace import trace_model
+
+    t = trace_model(w8a8, quantization="compressed-tensors")
+    assert t.quantization == "compressed-tensors" and t.unresolved == 0
+    assert [op.signature for op in t.ops] == [op.signature for op in w8a8_trace.ops]
+    assert "--quantization compressed-tensors" in profile_command(t, "sqlite:///x.db")
+    with pytest.raises(DoolyError, match="does not match the quantization method specified") as e:
+        trace_model(w8a8, quantization="awq")
+    assert "\n" not in str(e.value)
+
+
+def test_quantization_is_a_grid_axis():
+    from dooly.search.grid import configurations, parse_grid
+
+    configs = configurations(["dooly/tiny-llama-w8a8"], parse_grid(["quantization=auto,compressed-tensors"]))
+    assert [c.quantization for c in configs] == [None, "compressed-tensors"]
+    assert configs[1].engine_kwargs()["quantization"] == "compressed-tensors"
+    assert "quantization=compressed-tensors" in configs[1].key
+    with pytest.raises(DoolyError, match="quantization=int3"):
+        parse_grid(["quantization=int3"])

@@ -470,7 +470,7 @@ def _manifest(model, trace, env, url, parts, unplaced, mlp, attention, all_reduc
                                 "count": 1, "reason": "Vidur 0.0.26 has no precision axis: the attention rows are "
                                 "this KV dtype's measured kernels and --cache_config_num_blocks is the blocks it "
                                 "gives, but Vidur's own memory planning would assume the model dtype"})
-    scheme = quantization_name(trace.config)
+    scheme = trace.quantization or quantization_name(trace.config)
     if scheme:
         not_represented.append({"module": "model.layers.*", "op": f"weights quantized ({scheme})", "count": 1,
                                 "reason": "Vidur 0.0.26 has no precision axis: the GEMM rows are the quantized "

@@ -154,5 +154,6 @@ def predict_step(trace: Trace, predictor: Predictor, batch: Batch, overhead: boo
 def profile_command(t: Trace, db_url: str) -> str:
     """The `dooly profile` command that measures a model as traced (TP degree, KV-cache dtype)."""
     flags = ((f" --tp {t.tensor_parallel_size}" if t.tensor_parallel_size > 1 else "")
-             + (f" --kv-cache-dtype {t.kv_cache_dtype}" if t.kv_cache_dtype else ""))
+             + (f" --kv-cache-dtype {t.kv_cache_dtype}" if t.kv_cache_dtype else "")
+             + (f" --quantization {t.quantization}" if t.quantization else ""))
     return f"dooly profile {t.model}{flags} --db {db_url}"

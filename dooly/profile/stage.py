@@ -18,7 +18,8 @@ from dooly.profile.runner import ProfilePlan, ProfileSummary, cost_scales, plan_
 def plan_models(models: list[str], *, engine: str = "vllm", db: str | None = None, dtype: str = "bfloat16",
                 tensor_parallel_size: int = 1, limits: Limits = Limits(), grid: str = "full",
                 threads: int | None = None, attention_backend: str | None = None,
-                kv_cache_dtype: str | None = None, create_db: bool = True) -> tuple[ProfilePlan, LatencyDB | None]:
+                kv_cache_dtype: str | None = None, quantization: str | None = None,
+                create_db: bool = True) -> tuple[ProfilePlan, LatencyDB | None]:
     """What profiling `models` would measure here: traces them, and looks up what the database holds.
 
     create_db=False leaves a missing database missing (a dry run): the plan then reuses nothing."""
@@ -42,6 +43,7 @@ def plan_models(models: list[str], *, engine: str = "vllm", db: str | None = Non
             dtype=dtype,
             attention_backend=attention_backend,
             kv_cache_dtype=kv_cache_dtype,
+            quantization=quantization,
         )
         for s in specs
     ]

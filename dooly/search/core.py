@@ -82,13 +82,15 @@ def _prepare_traces(configs: list[Configuration]) -> None:
     from dooly.catalog import resolve
     from dooly.trace import trace_model
 
-    for model, dtype, tensor_parallel_size, backend, kv_cache_dtype in dict.fromkeys(c.trace_key for c in configs):
+    for model, dtype, tensor_parallel_size, backend, kv_cache_dtype, quantization in \
+            dict.fromkeys(c.trace_key for c in configs):
         trace_model(
             resolve(model),
             dtype=dtype,
             tensor_parallel_size=tensor_parallel_size,
             attention_backend=backend,
             kv_cache_dtype=kv_cache_dtype,
+            quantization=quantization,
             cache=True,
         )
 

@@ -36,6 +36,7 @@ class Configuration:
     enable_prefix_caching: bool = DEFAULT_OPTIONS.enable_prefix_caching
     kv_cache_gib: float = DEFAULT_OPTIONS.kv_cache_gib  # each worker's KV space (the simulated KV blocks)
     kv_cache_dtype: str = DEFAULT_OPTIONS.kv_cache_dtype  # KV storage: more blocks in fp8, other attention kernels
+    quantization: str | None = DEFAULT_OPTIONS.quantization  # weight quantization (None: the checkpoint's own)
 
     @property
     def key(self) -> str:
@@ -50,14 +51,16 @@ class Configuration:
     @property
     def trace_key(self) -> tuple:
         """What the traced step (and so its step predictor) depends on."""
-        return (self.model, self.dtype, self.tensor_parallel_size, self.attention_backend, self.kv_cache_dtype)
+        return (self.model, self.dtype, self.tensor_parallel_size, self.attention_backend, self.kv_cache_dtype,
+                self.quantization)
 
     def engine_options(self) -> EngineOptions:
         return DEFAULT_OPTIONS.replace(attention_backend=self.attention_backend, max_num_seqs=self.max_num_seqs,
                                        max_num_batched_tokens=self.max_num_batched_tokens,
                                        enable_chunked_prefill=self.enable_chunked_prefill,
                                        enable_prefix_caching=self.enable_prefix_caching,
-                                       kv_cache_gib=self.kv_cache_gib, kv_cache_dtype=self.kv_cache_dtype)
+                                       kv_cache_gib=self.kv_cache_gib, kv_cache_dtype=self.kv_cache_dtype,
+                                       quantization=self.quantization)
 
     def engine_kwargs(self) -> dict:
         """Scheduler options as the engine's config builder takes them (`scheduler_settings`)."""
@@ -131,6 +134,18 @@ def _kv_dtype(name: str, text: str) -> str:
     return text
 
 
+def _quantization(name: str, text: str) -> str | None:
+    """A vLLM --quantization method, or auto (the checkpoint's own quantization_config, if any)."""
+    from dooly.engine_interface import get_engine
+
+    if text == "auto":
+        return None
+    offered = get_engine("vllm").quantization_methods()
+    if text not in offered:
+        raise DoolyError(f"bad grid value {name}={text}: methods are auto, {', '.join(offered)}")
+    return text
+
+
 # option -> parser of one value (raises DoolyError naming the option and value)
 PARSERS = {
     "max_num_seqs": _positive_int,
@@ -142,6 +157,7 @@ PARSERS = {
     "tensor_parallel_size": _positive_int,
     "kv_cache_gib": _positive_float,
     "kv_cache_dtype": _kv_dtype,
+    "quantization": _quantization,
 }
 assert set(PARSERS) == {f.name for f in dataclasses.fields(Configuration)[1:]}
 

@@ -372,4 +372,6 @@ def profile_command(e: DoolyError, c: Configuration, db_url: str) -> str:
         cmd += f" --attention-backend {c.attention_backend}"
     if c.kv_cache_dtype != "auto" and "--kv-cache-dtype" not in cmd:
         cmd += f" --kv-cache-dtype {c.kv_cache_dtype}"
+    if c.quantization and "--quantization" not in cmd:
+        cmd += f" --quantization {c.quantization}"
     return cmd

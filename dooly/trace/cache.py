@@ -38,7 +38,7 @@ def _code_digest(engine: str) -> str:
 
 
 def cache_key(config: dict, engine: str, engine_version: str, tensor_parallel_size: int, dtype: str, backend, hints,
-              dispatch_key: str = "", kv_cache_dtype: str | None = None) -> str:
+              dispatch_key: str = "", kv_cache_dtype: str | None = None, quantization: str | None = None) -> str:
     """`dispatch_key`: the hardware predicates the engine's kernel choices read (the same cache may
     be read on another CPU: an AMX machine's trace is not this one's)."""
     text = json.dumps(
@@ -54,6 +54,7 @@ def cache_key(config: dict, engine: str, engine_version: str, tensor_parallel_si
             dispatch_key,
             _code_digest(engine),
             *([kv_cache_dtype] if kv_cache_dtype else []),  # keys of default-KV traces unchanged
+            *([{"quantization": quantization}] if quantization else []),
         ],
         sort_keys=True,
         default=str,
@@ -88,6 +89,7 @@ def dump(trace: Trace) -> dict:
         "notes": trace.notes,
         "seconds": trace.seconds,
         "dispatch_key": trace.dispatch_key,
+        "quantization": trace.quantization,
         "ops": [
             {
                 "op": o.op,
@@ -123,7 +125,7 @@ def load(d: dict) -> Trace:
                  dtype=d["dtype"], config_params=d["config_params"], config=d["config"],
                  request_vars=tuple(d["request_vars"]), ops=ops, unresolved=d["unresolved"], guards=d["guards"],
                  notes=d["notes"] + ["read from the trace cache"], seconds=d["seconds"],
-                 dispatch_key=d["dispatch_key"])
+                 dispatch_key=d["dispatch_key"], quantization=d.get("quantization"))
 
 
 def get(key: str) -> Trace | None:

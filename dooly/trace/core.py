@@ -59,11 +59,12 @@ def check_quantization(spec: ModelSpec, tensor_parallel_size: int) -> None:
 
 def trace_model(spec: ModelSpec, engine: str = "vllm", tensor_parallel_size: int = 1, dtype: str = "bfloat16",
                 hints: tuple[int, int] | None = None, attention_backend: str | None = None,
-                cache: bool = False, kv_cache_dtype: str | None = None) -> Trace:
+                cache: bool = False, kv_cache_dtype: str | None = None, quantization: str | None = None) -> Trace:
     """Trace one step of `spec` on `engine` and label every dimension of every op by its origin.
 
     `kv_cache_dtype`: the KV-cache storage ("fp8", ...; None or "auto": the model's dtype), which
-    changes the attention and KV-write kernels. `cache=True` reads and fills the disk cache
+    changes the attention and KV-write kernels. `quantization`: the engine's weight-quantization method
+    as its --quantization spells it (None: the checkpoint's own). `cache=True` reads and fills the disk cache
     (dooly.trace.cache) keyed on everything a trace depends on, for stages that only consume traces."""
     if dtype not in DTYPES:
         raise DoolyError(f"unknown dtype {dtype!r}; dtypes: {', '.join(DTYPES)}")
@@ -85,6 +86,9 @@ def trace_model(spec: ModelSpec, engine: str = "vllm", tensor_parallel_size: int
     if kv_cache_dtype is not None:
         check_kv_cache_dtype(eng, kv_cache_dtype, attention_backend)
         kwargs["kv_cache_dtype"] = kv_cache_dtype
+    if quantization is not None:
+        check_quantization_method(eng, quantization)
+        kwargs["quantization"] = quantization
     if cache:
         from dooly.trace import cache as trace_cache
 
@@ -98,17 +102,28 @@ def trace_model(spec: ModelSpec, engine: str = "vllm", tensor_parallel_size: int
             hints,
             eng.dispatch_key(),
             kv_cache_dtype,
+            quantization,
         )
         hit = trace_cache.get(key)
         if hit is not None:
             return dataclasses.replace(hit, model=spec.name)
         trace = trace_model(spec, engine, tensor_parallel_size, dtype, hints, attention_backend,
-                            kv_cache_dtype=kv_cache_dtype)
+                            kv_cache_dtype=kv_cache_dtype, quantization=quantization)
         trace_cache.put(key, trace)
         return trace
     from dooly.trace.differential import trace_runs
 
-    return trace_runs(spec, engine, tensor_parallel_size, dtype, params, kwargs)
+    trace = trace_runs(spec, engine, tensor_parallel_size, dtype, params, kwargs)
+    trace.quantization = quantization
+    return trace
+
+
+def check_quantization_method(eng, quantization: str) -> None:
+    """One line naming the engine's methods when `quantization` is not one of them."""
+    offered = eng.quantization_methods()
+    if quantization not in offered:
+        raise DoolyError(f"unknown --quantization {quantization!r} for {eng.name}; "
+                         + (f"methods: {', '.join(offered)}" if offered else "it takes no --quantization"))
 
 
 def check_kv_cache_dtype(eng, kv_cache_dtype: str, attention_backend: str | None = None) -> None:

@@ -127,6 +127,7 @@ class Trace:
     notes: list = field(default_factory=list)  # how labels were obtained, fallbacks taken
     seconds: float = 0.0  # wall time of tracing (build + forward passes + labelling)
     dispatch_key: str = ""  # hardware predicates the engine's kernel choices followed (e.g. amx_tile=1,...)
+    quantization: str | None = None  # the engine's --quantization it was traced with (None: the checkpoint's own)
 
     def groups(self) -> list[OpGroup]:
         out: dict[tuple, OpGroup] = {}

@@ -70,6 +70,12 @@ class VllmEngine(Engine):
 
         return kv_cache_dtypes(attention_backend)
 
+    def quantization_methods(self) -> list[str]:
+        self.prepare()
+        from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
+
+        return list(QUANTIZATION_METHODS)
+
     def run_trace(self, config, tensor_parallel_size=1, dtype="bfloat16", pinned=None, **options):
         self.prepare()
         from dooly.engines.vllm.tracer import run_trace

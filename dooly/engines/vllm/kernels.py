@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -104,6 +105,9 @@ def unsupported_op_message(exc: BaseException) -> str | None:
         name = f"{func._schema.name}" + ("" if func._overloadname == "default" else f".{func._overloadname}")
         return (f"the engine calls {name}, which has no fake kernel: add it to dooly.engines.vllm.kernels."
                 f"FAKE_KERNELS to trace it")
+    stub = re.search(r"Declaration: (\S+)\(\) -> \(\)", str(exc))
+    if stub:  # an op this build declares without arguments or a kernel: a GPU kernel the CPU build lacks
+        return f"this build has no CPU kernel for {stub.group(1)} (declared as an empty stub; a GPU build has one)"
     return None
 
 

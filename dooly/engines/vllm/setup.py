@@ -41,7 +41,20 @@ def engine_config(model_dir: Path, dtype: str, tensor_parallel_size: int = 1, **
         with _quiet():
             return args.create_engine_config(UsageContext.LLM_CLASS)
     except Exception as e:  # vLLM validates the config; surface its message on one line
+        method = engine_kwargs.get("quantization")
+        if method and "quantization_config" not in json.loads((model_dir / "config.json").read_text()) \
+                and method not in online_quantization_methods():
+            raise DoolyError(f"--quantization {method} reads a checkpoint quantized that way, and this model's config "
+                             f"has no quantization_config; methods that quantize at load: "
+                             f"{', '.join(online_quantization_methods())}") from None
         raise DoolyError(f"vLLM rejected the model config: {config_error(e, model_dir)}") from e
+
+
+def online_quantization_methods() -> list[str]:
+    """The --quantization methods vLLM applies to an unquantized checkpoint as it loads it."""
+    from vllm.config.quantization import ONLINE_QUANT_SHORTHAND_NAMES
+
+    return ["fp8", "experts_int8", *(m for m in ONLINE_QUANT_SHORTHAND_NAMES if m != "online")]
 
 
 def config_error(e: Exception, model_dir: Path | None = None) -> str:

@@ -183,7 +183,8 @@ def private_rope_cache():
 
 def run_trace(config: dict, tensor_parallel_size: int = 1, dtype: str = "bfloat16", rank: int = 0,
               hints: tuple[int, int] = (37, 3), attention_backend: str | None = None,
-              pinned: dict | None = None, kv_cache_dtype: str | None = None) -> RunResult:
+              pinned: dict | None = None, kv_cache_dtype: str | None = None,
+              quantization: str | None = None) -> RunResult:
     """One symbolic engine step (num_tokens tokens, num_reqs requests) through vLLM's model code.
 
     pinned: the kernel choices of another run (`RunResult.dispatch`) to give every linear layer."""
@@ -193,13 +194,15 @@ def run_trace(config: dict, tensor_parallel_size: int = 1, dtype: str = "bfloat1
     extra = {"attention_backend": attention_backend} if attention_backend else {}
     if kv_cache_dtype:
         extra["kv_cache_dtype"] = kv_cache_dtype
+    if quantization:
+        extra["quantization"] = quantization
     with tempfile.TemporaryDirectory(prefix="dooly-model-") as tmp:
         cfg = engine_config(write_model_dir(config, Path(tmp)), dtype, tensor_parallel_size, **extra)
     arch = config.get("architectures", ["?"])[0]
     with worker_context(cfg), private_rope_cache(), fake_kernels():
         shape_env = ShapeEnv(specialize_zero_one=False)
         fm = FakeTensorMode(shape_env=shape_env, allow_non_fake_inputs=True)
-        quant = quantization_name(config)
+        quant = quantization or quantization_name(config)
         try:
             model, dispatch = build_fake_model(cfg, fm, tensor_parallel_size, rank, pinned)
         except (AssertionError, ValueError, NotImplementedError, RuntimeError, AttributeError, TypeError) as e:
