@@ -451,6 +451,53 @@ def simulate(
 
 
 @app.command()
+def serve(
+    model: str = typer.Argument(..., help="HF id from the catalog, or a path to config.json / its folder"),
+    db: Optional[str] = typer.Option(None, "--db", help=_DB_HELP),
+    host: str = typer.Option("127.0.0.1", help="address to listen on"),
+    port: int = typer.Option(8000, help="port to listen on"),
+    tokenizer: Optional[str] = typer.Option(None, help="a tokenizer.json (or its folder) to count prompt tokens "
+                                            "exactly; default: approximate, 4 characters per token"),
+    served_model_name: Optional[list[str]] = typer.Option(None, help="name(s) clients use (default: MODEL)"),
+    dtype: str = typer.Option("bfloat16"),
+    max_num_batched_tokens: int = typer.Option(DEFAULT_OPTIONS.max_num_batched_tokens, help=_TOKENS_HELP),
+    max_num_seqs: Optional[int] = typer.Option(DEFAULT_OPTIONS.max_num_seqs, help=_SEQS_HELP),
+    enable_prefix_caching: bool = typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching"),
+    enable_chunked_prefill: bool = typer.Option(True, "--enable-chunked-prefill/--no-enable-chunked-prefill"),
+    kv_cache_gib: float = typer.Option(DEFAULT_OPTIONS.kv_cache_gib, help=_KV_HELP),
+    kv_cache_dtype: str = typer.Option(DEFAULT_OPTIONS.kv_cache_dtype, help=_KVD_HELP),
+    quantization: Optional[str] = typer.Option(None, help=_Q_HELP),
+    num_gpu_blocks: Optional[int] = typer.Option(None, help="KV-cache blocks (default: what --kv-cache-gib gives)"),
+    tensor_parallel_size: int = typer.Option(
+        1, "--tensor-parallel-size", "--tp", help="TP degree (needs the model profiled with --tensor-parallel-size K)"
+    ),
+    drain_timeout: float = typer.Option(30.0, help="on SIGINT/SIGTERM: seconds to let requests in flight finish "
+                                        "(new ones get 503); a second signal exits at once"),
+) -> None:
+    """An OpenAI-compatible endpoint that answers like MODEL served by vLLM, at the predicted speed."""
+    from dooly.deployment import Deployment
+    from dooly.serve import prepare, run
+
+    try:
+        options = EngineOptions(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                enable_prefix_caching=enable_prefix_caching,
+                                enable_chunked_prefill=enable_chunked_prefill, kv_cache_gib=kv_cache_gib,
+                                kv_cache_dtype=kv_cache_dtype, quantization=quantization)
+        d = Deployment.resolve(model, dtype=dtype, tensor_parallel_size=tensor_parallel_size, options=options,
+                               num_blocks=num_gpu_blocks)
+        served = prepare(model, db=db, deployment=d, tokenizer=tokenizer, served_model_name=served_model_name)
+
+        def ready(url: str) -> None:
+            err.print(Text(f"dooly serve: {model} on {url} (simulated: {d.num_blocks} KV blocks, max_num_seqs "
+                           f"{d.max_num_seqs}, max_num_batched_tokens {d.settings['max_num_batched_tokens']}; "
+                           f"prompt token counts {served.counter.source})"), soft_wrap=True)
+
+        run(served, host=host, port=port, drain_s=drain_timeout, ready=ready)
+    except DoolyError as e:
+        _fail(e)
+
+
+@app.command()
 def calibrate(
     db: Optional[str] = typer.Option(None, "--db", help=_DB_HELP),
     models: str = typer.Option(
@@ -581,41 +628,46 @@ def quickstart(
 
     start = time.perf_counter()
     console.rule(f"1. trace one engine step of {model} (vLLM's own model code, fake weights)")
-    trace(
-        model=model,
-        engine="vllm",
-        tensor_parallel_size=1,
-        dtype="bfloat16",
-        fmt="table",
-        all_ops=False,
-        attention_backend=None,
-    )
+    _invoke(trace, model=model, fmt="table")
     console.rule(f"2. profile what the latency database lacks for {model}")
-    profile(models=[model], suite=None, engine="vllm", db=db, dtype="bfloat16", tensor_parallel_size=1,
-            max_num_batched_tokens=DEFAULT_OPTIONS.max_num_batched_tokens, max_num_seqs=DEFAULT_OPTIONS.max_num_seqs,
-            grid="reduced", threads=None, dry_run=False, attention_backend=None,
-            ray_address=None)
+    _invoke(profile, models=[model], db=db, grid="reduced")
     console.rule(f"3. profile {sibling}: same family, other depth -> its operations are already measured")
-    profile(models=[sibling], suite=None, engine="vllm", db=db, dtype="bfloat16", tensor_parallel_size=1,
-            max_num_batched_tokens=DEFAULT_OPTIONS.max_num_batched_tokens, max_num_seqs=DEFAULT_OPTIONS.max_num_seqs,
-            grid="reduced", threads=None, dry_run=False, attention_backend=None,
-            ray_address=None)
+    _invoke(profile, models=[sibling], db=db, grid="reduced")
     console.rule("4. the engine's per-step overhead (scheduler, sampling, Python between ops)")
     from dooly.api import calibrated
 
     if calibrated(db):
         console.print("already calibrated in this environment: reused")
     else:
-        calibrate(db=db, models=f"{model},{sibling}", dtype="bfloat16", tensor_parallel_size=1)
+        _invoke(calibrate, db=db, models=f"{model},{sibling}")
     console.rule(f"5. simulate serving {model} on vLLM: {workload}")
-    simulate(model=model, workload=workload, db=db, dtype="bfloat16",
-             max_num_batched_tokens=DEFAULT_OPTIONS.max_num_batched_tokens, max_num_seqs=DEFAULT_OPTIONS.max_num_seqs,
-             enable_prefix_caching=True, enable_chunked_prefill=True, kv_cache_gib=DEFAULT_OPTIONS.kv_cache_gib,
-             num_gpu_blocks=None, tensor_parallel_size=1,
-             out=out, plot=True, as_json=False)
+    _invoke(simulate, model=model, workload=workload, db=db, out=out, plot=True)
     console.print(f"plots: {out}/latency_cdfs.png, {out}/steps.png | quickstart took "
                   f"{time.perf_counter() - start:.0f} s")
     console.print(f"next: dooly validate {model} --workload '{workload}' (the real engine vs this prediction)")
+
+
+def _filled(command, **given) -> dict:
+    """The arguments of a direct call to a CLI command: `given`, and every other parameter's default
+    (typer keeps an option's default inside its OptionInfo, which a direct call would pass as is)."""
+    import inspect
+
+    from typer.models import ParameterInfo
+
+    kw = {}
+    for name, p in inspect.signature(command).parameters.items():
+        if name in given:
+            kw[name] = given[name]
+        else:
+            default = p.default.default if isinstance(p.default, ParameterInfo) else p.default
+            if default is ...:
+                raise TypeError(f"{command.__name__}: {name} is required")
+            kw[name] = default
+    return kw
+
+
+def _invoke(command, **given):
+    return command(**_filled(command, **given))
 
 
 export_app = typer.Typer(no_args_is_help=True, help="Write dooly's predictions in other simulators' formats.")
