@@ -50,6 +50,8 @@ class Engine:
                                  runs on perturbed configs go without them)
       kv_cache_dtypes(backend)   the KV-cache storage dtypes an attention backend offers ("auto" first)
       quantization_methods()     the weight-quantization methods its --quantization takes (none: [])
+    Serving (dooly serve):
+      metric_buckets(max_model_len)  bucket bounds of its Prometheus histograms, by family
       run_trace(config, tp, dtype, pinned=None, **options) -> RunResult
                                  one traced forward pass per phase; `pinned` = another run's `dispatch`
     Profiling:
@@ -124,6 +126,11 @@ class Engine:
 
     def quantization_methods(self) -> list[str]:
         return []
+
+    def metric_buckets(self, max_model_len: int) -> dict[str, list[float]]:
+        """Histogram bucket bounds of the engine's own serving metrics, by family (time_to_first_token,
+        inter_token_latency, request_latency, request_tokens, iteration_tokens)."""
+        raise DoolyError(f"the {self.name} engine has no serving metrics to imitate")
 
     def run_trace(
         self,

@@ -171,6 +171,23 @@ class FastScheduler:
     def has_work(self) -> bool:
         return bool(self.running or self.waiting or self._finished_unreported)
 
+    def abort(self, request_id: str) -> bool:
+        """Drop a request (a client gone), freeing its KV blocks as vLLM's `finish_requests` does;
+        False if it is not held (already finished, or never added)."""
+        for queue in (self.running, self.waiting):
+            for r in queue:
+                if r.rid == request_id:
+                    queue.remove(r)
+                    self.pool.free(r.blocks[::-1])
+                    r.blocks = []
+                    return True
+        return False
+
+    @property
+    def kv_usage(self) -> float:
+        """Share of the KV blocks in use (vLLM's `BlockPool.get_usage`: the null block excluded)."""
+        return 1.0 - self.pool.num_free / max(self.num_blocks - 1, 1)
+
     def step(self) -> ScheduledStep | None:
         """Schedule one step and complete it (one new token per request past its prompt)."""
         self._finished_unreported = False

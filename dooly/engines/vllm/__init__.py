@@ -76,6 +76,15 @@ class VllmEngine(Engine):
 
         return list(QUANTIZATION_METHODS)
 
+    def metric_buckets(self, max_model_len: int) -> dict[str, list[float]]:
+        self.prepare()
+        from vllm.v1.metrics.buckets import histogram_buckets
+
+        families = ("time_to_first_token", "inter_token_latency", "request_latency", "iteration_tokens")
+        out = {f: list(histogram_buckets(f)) for f in families}
+        out["request_tokens"] = list(histogram_buckets("request_tokens", max_model_len))
+        return out
+
     def run_trace(self, config, tensor_parallel_size=1, dtype="bfloat16", pinned=None, **options):
         self.prepare()
         from dooly.engines.vllm.tracer import run_trace

@@ -1,0 +1,283 @@
+"""The OpenAI-compatible HTTP face of a simulated deployment (FastAPI, as vLLM's own server):
+`/v1/models`, `/v1/completions` and `/v1/chat/completions` (streamed as server-sent events or
+whole, with `usage`), `/health`, `/metrics`, and `/dooly/lag` (token lateness so far).
+
+Bodies and stream chunks follow vLLM's; errors are OpenAI-style bodies
+(`{"error": {"message", "type", "param", "code"}}`) with the status vLLM gives, and the server keeps
+serving after any of them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from dooly.serve.live import LiveEngine
+from dooly.serve.metrics import ServingMetrics
+from dooly.serve.text import TokenCounter
+
+ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 503: "ServiceUnavailableError"}
+COMPLETION_MAX_TOKENS = 16  # the OpenAI and vLLM default of /v1/completions
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+
+@dataclass
+class ServeState:
+    model_names: list[str]  # served names; the first is the default
+    root: str  # the model as given
+    max_model_len: int
+    max_blocks: int  # KV blocks a request may hold (the engine's, less the null block)
+    block_size: int
+    engine: LiveEngine
+    metrics: ServingMetrics
+    counter: TokenCounter
+    created: int = field(default_factory=lambda: int(time.time()))
+    draining: bool = False
+
+
+def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": ERROR_TYPES.get(status, "InternalServerError"),
+                                   "param": param, "code": status}}, status_code=status)
+
+
+def build_app(state: ServeState) -> FastAPI:
+    app = FastAPI(title="dooly serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.dooly = state
+
+    @app.get("/health")
+    async def health():
+        return Response(status_code=503 if state.draining else 200)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/dooly/lag")
+    async def lag():
+        return {**state.metrics.lag(), "steps": state.engine.steps}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": state.created, "owned_by": "vllm", "root": state.root,
+             "parent": None, "max_model_len": state.max_model_len, "permission": [],
+             "dooly": {"simulated": True, "token_counts": state.counter.source}}
+            for name in state.model_names]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await _handle(request, state, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await _handle(request, state, chat=True)
+
+    return app
+
+
+async def _handle(request: Request, state: ServeState, chat: bool):
+    if state.draining:
+        return error_response(503, "the server is shutting down")
+    try:
+        body = await _json_body(request)
+        model = _model(body, state)
+        prompt_tokens, max_tokens = _chat_lengths(body, state) if chat else _completion_lengths(body, state)
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise RequestError(400, "stream must be true or false", "stream")
+        opts = body.get("stream_options") or {}
+        if not isinstance(opts, dict):
+            raise RequestError(400, "stream_options must be an object", "stream_options")
+    except RequestError as e:
+        return error_response(e.status, e.message, e.param)
+    kind = "chatcmpl" if chat else "cmpl"
+    req = state.engine.submit(prompt_tokens, max_tokens, f"{kind}-{uuid.uuid4().hex}")
+    if stream:
+        gen = _chat_stream if chat else _completion_stream
+        return StreamingResponse(gen(req, model, state, bool(opts.get("include_usage"))),
+                                 media_type="text/event-stream")
+    return await _whole(request, req, model, state, chat)
+
+
+# -- request bodies ------------------------------------------------------------------------------
+
+async def _json_body(request: Request) -> dict:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except ValueError as e:
+        raise RequestError(400, f"the body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise RequestError(400, "the body must be a JSON object")
+    return body
+
+
+def _model(body: dict, state: ServeState) -> str:
+    model = body.get("model")
+    if model is None:
+        return state.model_names[0]
+    if model not in state.model_names:
+        raise RequestError(404, f"The model `{model}` does not exist.", "model")
+    return model
+
+
+def _positive_int(body: dict, name: str, default):
+    value = body.get(name, default)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise RequestError(400, f"{name} must be a positive integer, got {json.dumps(value)}", name)
+    return value
+
+
+def _check_n(body: dict) -> None:
+    n = body.get("n", 1)
+    if n != 1:
+        raise RequestError(400, f"n must be 1 (one choice per request is simulated), got {json.dumps(n)}", "n")
+
+
+def _completion_lengths(body: dict, state: ServeState) -> tuple[int, int]:
+    if "prompt" not in body:
+        raise RequestError(400, "missing field: prompt", "prompt")
+    _check_n(body)
+    prompt = body["prompt"]
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        n = state.counter.count(prompt)
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        n = len(prompt)
+    else:
+        raise RequestError(400, "prompt must be a string or a list of token ids (one prompt per request)", "prompt")
+    if n < 1:
+        raise RequestError(400, "the prompt is empty", "prompt")
+    return n, _limit(state, n, _positive_int(body, "max_tokens", COMPLETION_MAX_TOKENS))
+
+
+def _chat_lengths(body: dict, state: ServeState) -> tuple[int, int]:
+    messages = body.get("messages")
+    if messages is None:
+        raise RequestError(400, "missing field: messages", "messages")
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) and "role" in m
+                                                                  for m in messages):
+        raise RequestError(400, "messages must be a non-empty list of {role, content} objects", "messages")
+    _check_n(body)
+    n = max(state.counter.count_chat(messages), 1)
+    max_tokens = _positive_int(body, "max_completion_tokens", None) or _positive_int(body, "max_tokens", None)
+    return n, _limit(state, n, max_tokens)
+
+
+def _limit(state: ServeState, prompt_tokens: int, max_tokens: int | None) -> int:
+    """max_tokens checked against the model's length and the KV cache (as vLLM refuses them)."""
+    length = state.max_model_len
+    if prompt_tokens >= length:
+        raise RequestError(400, f"This model's maximum context length is {length} tokens. However, your prompt "
+                                f"has {prompt_tokens} tokens. Please reduce the length of the prompt.", "prompt")
+    if max_tokens is None:
+        max_tokens = length - prompt_tokens
+    if prompt_tokens + max_tokens > length:
+        raise RequestError(400, f"This model's maximum context length is {length} tokens. However, you requested "
+                                f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} "
+                                f"in the completion). Please reduce the length of the prompt or completion.",
+                           "max_tokens")
+    need = -(-(prompt_tokens + max_tokens) // state.block_size)
+    if need > state.max_blocks:
+        raise RequestError(400, f"the request needs {need} KV-cache blocks ({prompt_tokens} + {max_tokens} tokens) "
+                                f"and the engine has {state.max_blocks}", "max_tokens")
+    return max_tokens
+
+
+# -- responses -----------------------------------------------------------------------------------
+
+def _usage(req) -> dict:
+    return {"prompt_tokens": req.prompt_tokens, "total_tokens": req.prompt_tokens + req.emitted,
+            "completion_tokens": req.emitted, "prompt_tokens_details": None}
+
+
+async def _events(req, state: ServeState):
+    """The request's tokens as they fall due, each timed against its due time as it goes out; the
+    request is aborted (its KV blocks freed) if the client goes away first."""
+    clock, sent = state.engine.clock, state.metrics.sent
+    try:
+        while True:
+            ev = await req.events.get()
+            sent(clock() - ev.due)
+            yield ev
+            if ev.finish_reason:
+                return
+    finally:
+        if not req.done:
+            state.engine.abort(req.request_id)
+
+
+async def _completion_stream(req, model: str, state: ServeState, include_usage: bool):
+    head = ('data: {"id":"%s","object":"text_completion","created":%d,"model":%s,"choices":[{"index":0,"text":'
+            % (req.request_id, int(time.time()), json.dumps(model)))
+    number = req._number
+    async for ev in _events(req, state):
+        reason = '"length"' if ev.finish_reason else "null"
+        yield (head + json.dumps(state.counter.piece(ev.index, number))
+               + ',"logprobs":null,"finish_reason":%s,"stop_reason":null}],"usage":null}\n\n' % reason)
+    if include_usage:
+        yield ('data: {"id":"%s","object":"text_completion","created":%d,"model":%s,"choices":[],"usage":%s}\n\n'
+               % (req.request_id, int(time.time()), json.dumps(model), json.dumps(_usage(req))))
+    yield "data: [DONE]\n\n"
+
+
+async def _chat_stream(req, model: str, state: ServeState, include_usage: bool):
+    head = ('data: {"id":"%s","object":"chat.completion.chunk","created":%d,"model":%s,"choices":[{"index":0,'
+            % (req.request_id, int(time.time()), json.dumps(model)))
+    number = req._number
+    first = True
+    async for ev in _events(req, state):
+        if first:  # vLLM's first chunk carries the role
+            yield head + '"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}\n\n'
+            first = False
+        reason = '"length"' if ev.finish_reason else "null"
+        yield (head + '"delta":{"content":%s},"logprobs":null,"finish_reason":%s,"stop_reason":null}]}\n\n'
+               % (json.dumps(state.counter.piece(ev.index, number)), reason))
+    if include_usage:
+        yield ('data: {"id":"%s","object":"chat.completion.chunk","created":%d,"model":%s,"choices":[],'
+               '"usage":%s}\n\n' % (req.request_id, int(time.time()), json.dumps(model), json.dumps(_usage(req))))
+    yield "data: [DONE]\n\n"
+
+
+async def _whole(request: Request, req, model: str, state: ServeState, chat: bool):
+    pieces = []
+
+    async def collect():
+        async for ev in _events(req, state):
+            pieces.append(state.counter.piece(ev.index, req._number))
+
+    async def gone():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work, watch = asyncio.ensure_future(collect()), asyncio.ensure_future(gone())
+    await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    if not work.done():  # the client went away: abort (the generator's clean-up frees the blocks)
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        return Response(status_code=499)
+    watch.cancel()
+    text = "".join(pieces)
+    created = int(time.time())
+    if chat:
+        return {"id": req.request_id, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "tool_calls": []},
+                             "logprobs": None, "finish_reason": "length", "stop_reason": None}],
+                "usage": _usage(req)}
+    return {"id": req.request_id, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "length",
+                         "stop_reason": None, "prompt_logprobs": None}],
+            "usage": _usage(req)}
