@@ -74,17 +74,17 @@ def build(served: Served):
     metrics.attach(engine)
     state = ServeState(served.names, d.model, d.max_model_len, sched.num_blocks - 1, sched.block_size, engine,
                        metrics, served.counter)
-    app = build_app(state)
+    asgi = build_app(state)
 
-    @app.on_event("startup")
+    @asgi.app.on_event("startup")
     async def _start():
         engine.start()
 
-    @app.on_event("shutdown")
+    @asgi.app.on_event("shutdown")
     async def _stop():
         await engine.stop()
 
-    return app, state
+    return asgi, state
 
 
 def check_port(host: str, port: int) -> None:

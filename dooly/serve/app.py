@@ -14,8 +14,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi import FastAPI
+from fastapi.responses import Response
 
 from dooly.serve.live import LiveEngine
 from dooly.serve.metrics import ServingMetrics
@@ -45,12 +45,7 @@ class ServeState:
     draining: bool = False
 
 
-def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": ERROR_TYPES.get(status, "InternalServerError"),
-                                   "param": param, "code": status}}, status_code=status)
-
-
-def build_app(state: ServeState) -> FastAPI:
+def build_app(state: ServeState) -> "Generation":
     app = FastAPI(title="dooly serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.dooly = state
 
@@ -74,22 +69,31 @@ def build_app(state: ServeState) -> FastAPI:
              "dooly": {"simulated": True, "token_counts": state.counter.source}}
             for name in state.model_names]}
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await _handle(request, state, chat=False)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        return await _handle(request, state, chat=True)
-
-    return app
+    return Generation(app, state)
 
 
-async def _handle(request: Request, state: ServeState, chat: bool):
+class Generation:
+    """POST /v1/completions and /v1/chat/completions as a plain ASGI layer in front of the app: a
+    streamed token costs one queue hand-off and one write, with no framework between (at 1,000
+    streams the framework's per-chunk work made tokens late)."""
+
+    PATHS = {"/v1/completions": False, "/v1/chat/completions": True}
+
+    def __init__(self, app: FastAPI, state: ServeState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        chat = self.PATHS.get(scope.get("path")) if scope["type"] == "http" else None
+        if chat is None or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        await _handle(scope, receive, send, self.state, chat)
+
+
+async def _handle(scope, receive, send, state: ServeState, chat: bool) -> None:
     if state.draining:
-        return error_response(503, "the server is shutting down")
+        return await _send_json(send, 503, _error_body(503, "the server is shutting down"))
     try:
-        body = await _json_body(request)
+        body = await _json_body(receive)
         model = _model(body, state)
         prompt_tokens, max_tokens = _chat_lengths(body, state) if chat else _completion_lengths(body, state)
         stream = body.get("stream", False)
@@ -99,20 +103,59 @@ async def _handle(request: Request, state: ServeState, chat: bool):
         if not isinstance(opts, dict):
             raise RequestError(400, "stream_options must be an object", "stream_options")
     except RequestError as e:
-        return error_response(e.status, e.message, e.param)
+        return await _send_json(send, e.status, _error_body(e.status, e.message, e.param))
     kind = "chatcmpl" if chat else "cmpl"
     req = state.engine.submit(prompt_tokens, max_tokens, f"{kind}-{uuid.uuid4().hex}")
-    if stream:
-        gen = _chat_stream if chat else _completion_stream
-        return StreamingResponse(gen(req, model, state, bool(opts.get("include_usage"))),
-                                 media_type="text/event-stream")
-    return await _whole(request, req, model, state, chat)
+    writer = asyncio.current_task()
+    watch = asyncio.ensure_future(_on_disconnect(receive, writer, req))
+    try:
+        if stream:
+            gen = _chat_stream if chat else _completion_stream
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/event-stream; charset=utf-8")]})
+            async for chunk in gen(req, model, state, bool(opts.get("include_usage"))):
+                await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        else:
+            await _send_json(send, 200, await _whole(req, model, state, chat))
+    except asyncio.CancelledError:  # the client went away (`_events` aborted its request), or the server stops
+        if not watch.done():
+            raise
+    finally:
+        watch.cancel()
+
+
+async def _on_disconnect(receive, writer: asyncio.Task, req) -> None:
+    """Cancel the request's writer when its client disconnects (the request is aborted)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    if not req.done:
+        writer.cancel()
+
+
+def _error_body(status: int, message: str, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "InternalServerError"), "param": param,
+                      "code": status}}
+
+
+async def _send_json(send, status: int, body: dict) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data, "more_body": False})
 
 
 # -- request bodies ------------------------------------------------------------------------------
 
-async def _json_body(request: Request) -> dict:
-    raw = await request.body()
+async def _json_body(receive) -> dict:
+    raw = b""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise asyncio.CancelledError  # gone before its body arrived
+        raw += message.get("body", b"")
+        if not message.get("more_body"):
+            break
     try:
         body = json.loads(raw)
     except ValueError as e:
@@ -252,24 +295,8 @@ async def _chat_stream(req, model: str, state: ServeState, include_usage: bool):
     yield "data: [DONE]\n\n"
 
 
-async def _whole(request: Request, req, model: str, state: ServeState, chat: bool):
-    pieces = []
-
-    async def collect():
-        async for ev in _events(req, state):
-            pieces.append(state.counter.piece(ev.index, req._number))
-
-    async def gone():
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    work, watch = asyncio.ensure_future(collect()), asyncio.ensure_future(gone())
-    await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-    if not work.done():  # the client went away: abort (the generator's clean-up frees the blocks)
-        work.cancel()
-        await asyncio.gather(work, return_exceptions=True)
-        return Response(status_code=499)
-    watch.cancel()
+async def _whole(req, model: str, state: ServeState, chat: bool) -> dict:
+    pieces = [state.counter.piece(ev.index, req._number) async for ev in _events(req, state)]
     text = "".join(pieces)
     created = int(time.time())
     if chat:

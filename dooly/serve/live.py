@@ -147,13 +147,15 @@ class LiveEngine:
             if delay > 0:
                 await asyncio.sleep(delay)
             self.steps += 1
-            self._complete(s, end)
+            done = self._deliver(s, end)
+            await asyncio.sleep(0)  # the tokens go out before the bookkeeping and the next step's scheduling
+            self._account(s, done, end)
 
-    def _complete(self, s, due: float) -> None:
-        requests, observer = self.requests, self.observer
+    def _deliver(self, s, due: float) -> list:
+        """Hand every token of the step that ended at `due` to its request; the (request, event) pairs."""
+        requests = self.requests
         finished = set(s.finished)
-        if observer:
-            observer.step(s, self)
+        out = []
         for rid, c, q in zip(s.req_ids, s.batch.context_lens, s.batch.query_lens):
             req = requests.get(rid)
             if req is None:  # aborted while the step ran
@@ -162,17 +164,25 @@ class LiveEngine:
                 continue
             last = rid in finished or req.emitted + 1 >= req.max_tokens
             event = TokenEvent(req.emitted, due, "length" if last else None)
-            if req.emitted == 0:
+            req.emitted += 1
+            req.events.put_nowait(event)
+            out.append((req, event))
+            if last:
+                req.done = True
+                del requests[rid]
+        return out
+
+    def _account(self, s, delivered: list, due: float) -> None:
+        observer = self.observer
+        if observer:
+            observer.step(s, self)
+        for req, ev in delivered:
+            if ev.index == 0:
                 req.first_due = due
                 if observer:
                     observer.first_token(req, due)
             elif observer:
                 observer.token(req, due - req.last_due)
-            req.emitted += 1
             req.last_due = due
-            req.events.put_nowait(event)
-            if last:
-                req.done = True
-                del requests[rid]
-                if observer:
-                    observer.finished(req, "length")
+            if ev.finish_reason and observer:
+                observer.finished(req, "length")

@@ -53,10 +53,8 @@ class ServingMetrics:
                                        "request_tokens")
         self.iteration_tokens = hist("vllm:iteration_tokens_total", "Histogram of number of tokens per engine_step.",
                                      "iteration_tokens")
-        self.lateness = Histogram("dooly:token_lateness_seconds", "How late tokens were sent against their "
-                                  "predicted times (dooly serve's real-time lag).", labels,
-                                  buckets=LATENESS_BUCKETS, registry=r).labels(*values)
-        self.lateness_samples: list[float] = []  # every token's lateness, for exact percentiles
+        self.lateness_samples: list[float] = []  # every token's lateness (kept whole: exact percentiles)
+        r.register(_LatenessCollector(self.lateness_samples, labels, values))
 
     def attach(self, engine) -> None:
         self._engine = engine
@@ -86,8 +84,7 @@ class ServingMetrics:
         self.request_generation.observe(req.emitted)
 
     def sent(self, lateness: float) -> None:
-        self.lateness.observe(lateness)
-        self.lateness_samples.append(lateness)
+        self.lateness_samples.append(lateness)  # the hot path: a histogram is built from these when scraped
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -101,3 +98,21 @@ class ServingMetrics:
             return {"tokens": 0, "p50_s": None, "p99_s": None, "max_s": None}
         p50, p99 = np.percentile(xs, [50, 99])
         return {"tokens": len(xs), "p50_s": float(p50), "p99_s": float(p99), "max_s": float(max(xs))}
+
+
+class _LatenessCollector:
+    """dooly:token_lateness_seconds, a histogram built from the samples when scraped."""
+
+    def __init__(self, samples: list, labels: list, values: tuple):
+        self.samples, self.labels, self.values = samples, labels, values
+
+    def collect(self):
+        from prometheus_client.core import HistogramMetricFamily
+
+        xs = np.asarray(self.samples, dtype=float)
+        counts = np.searchsorted(np.sort(xs), LATENESS_BUCKETS, side="right")
+        family = HistogramMetricFamily("dooly:token_lateness_seconds", "How late tokens were sent against their "
+                                       "predicted times (dooly serve's real-time lag).", labels=self.labels)
+        family.add_metric(list(self.values), [(str(b), int(c)) for b, c in zip(LATENESS_BUCKETS, counts)]
+                          + [("+Inf", len(xs))], float(xs.sum()))
+        yield family
