@@ -9,6 +9,7 @@ serving after any of them."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import time
 import uuid
@@ -110,15 +111,16 @@ async def _handle(scope, receive, send, state: ServeState, chat: bool) -> None:
     watch = asyncio.ensure_future(_on_disconnect(receive, writer, req))
     try:
         if stream:
-            gen = _chat_stream if chat else _completion_stream
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-type", b"text/event-stream; charset=utf-8")]})
-            async for chunk in gen(req, model, state, bool(opts.get("include_usage"))):
-                await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            sse = EventStream(req, model, state, chat, bool(opts.get("include_usage")), Sink(send))
+            req.on_token = sse.token
+            await sse.closed
         else:
             await _send_json(send, 200, await _whole(req, model, state, chat))
-    except asyncio.CancelledError:  # the client went away (`_events` aborted its request), or the server stops
+    except asyncio.CancelledError:  # the client went away, or the server stops
+        if not req.done:
+            state.engine.abort(req.request_id)
         if not watch.done():
             raise
     finally:
@@ -263,36 +265,102 @@ async def _events(req, state: ServeState):
             state.engine.abort(req.request_id)
 
 
-async def _completion_stream(req, model: str, state: ServeState, include_usage: bool):
-    head = ('data: {"id":"%s","object":"text_completion","created":%d,"model":%s,"choices":[{"index":0,"text":'
-            % (req.request_id, int(time.time()), json.dumps(model)))
-    number = req._number
-    async for ev in _events(req, state):
-        reason = '"length"' if ev.finish_reason else "null"
-        yield (head + json.dumps(state.counter.piece(ev.index, number))
-               + ',"logprobs":null,"finish_reason":%s,"stop_reason":null}],"usage":null}\n\n' % reason)
-    if include_usage:
-        yield ('data: {"id":"%s","object":"text_completion","created":%d,"model":%s,"choices":[],"usage":%s}\n\n'
-               % (req.request_id, int(time.time()), json.dumps(model), json.dumps(_usage(req))))
-    yield "data: [DONE]\n\n"
+class Sink:
+    """Writes to one client from whatever code has the bytes, without a task switch: the ASGI send
+    runs to completion at once unless the connection is paused (flow control), and only then does
+    a task finish it, with the writes that follow queued behind it in order."""
+
+    def __init__(self, send):
+        self.send = send
+        self.backlog: collections.deque | None = None  # writes waiting behind a paused one
+        self.idle: asyncio.Future | None = None  # resolved when the backlog is written
+
+    def write(self, message: dict) -> None:
+        if self.backlog is not None:
+            self.backlog.append(message)
+            return
+        coro = self.send(message)
+        try:
+            blocked = coro.send(None)
+        except StopIteration:
+            return
+        self.backlog = collections.deque()
+        self.idle = asyncio.get_running_loop().create_future()
+        asyncio.ensure_future(self._finish(coro, blocked))
+
+    async def _finish(self, coro, blocked) -> None:
+        try:
+            await _Resumed(coro, blocked)
+            while self.backlog:
+                await self.send(self.backlog.popleft())
+        finally:
+            self.backlog = None
+            if not self.idle.done():
+                self.idle.set_result(None)
 
 
-async def _chat_stream(req, model: str, state: ServeState, include_usage: bool):
-    head = ('data: {"id":"%s","object":"chat.completion.chunk","created":%d,"model":%s,"choices":[{"index":0,'
-            % (req.request_id, int(time.time()), json.dumps(model)))
-    number = req._number
-    first = True
-    async for ev in _events(req, state):
-        if first:  # vLLM's first chunk carries the role
-            yield head + '"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}\n\n'
-            first = False
+class _Resumed:
+    """Awaits a coroutine that was started by hand and suspended on `blocked` (a future)."""
+
+    def __init__(self, coro, blocked):
+        self.coro, self.blocked = coro, blocked
+
+    def __await__(self):
+        blocked = self.blocked
+        while True:
+            try:
+                yield blocked
+            except BaseException as e:  # cancelled while waiting: pass it on
+                blocked = self.coro.throw(e)
+                continue
+            try:
+                blocked = self.coro.send(None)
+            except StopIteration:
+                return
+
+
+class EventStream:
+    """One streamed answer (server-sent events in vLLM's chunk format): each token is written by
+    the engine's loop the moment it falls due, and timed against its due time as it goes out."""
+
+    def __init__(self, req, model: str, state: ServeState, chat: bool, include_usage: bool, sink: Sink):
+        self.req, self.state, self.chat, self.include_usage, self.sink = req, state, chat, include_usage, sink
+        self.closed = asyncio.get_running_loop().create_future()
+        created, name = int(time.time()), json.dumps(model)
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        self.prefix = f'data: {{"id":"{req.request_id}","object":"{kind}","created":{created},"model":{name},'
+        self.head = self.prefix + '"choices":[{"index":0,'
+
+    def token(self, ev) -> None:
+        req, state = self.req, self.state
+        text = json.dumps(state.counter.piece(ev.index, req._number))
         reason = '"length"' if ev.finish_reason else "null"
-        yield (head + '"delta":{"content":%s},"logprobs":null,"finish_reason":%s,"stop_reason":null}]}\n\n'
-               % (json.dumps(state.counter.piece(ev.index, number)), reason))
-    if include_usage:
-        yield ('data: {"id":"%s","object":"chat.completion.chunk","created":%d,"model":%s,"choices":[],'
-               '"usage":%s}\n\n' % (req.request_id, int(time.time()), json.dumps(model), json.dumps(_usage(req))))
-    yield "data: [DONE]\n\n"
+        if self.chat:
+            chunk = (self.head + '"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}'
+                     '\n\n' if ev.index == 0 else "")
+            chunk += (self.head + f'"delta":{{"content":{text}}},"logprobs":null,"finish_reason":{reason},'
+                      '"stop_reason":null}]}\n\n')
+        else:
+            chunk = (self.head + f'"text":{text},"logprobs":null,"finish_reason":{reason},"stop_reason":null}}],'
+                     '"usage":null}\n\n')
+        if ev.finish_reason:
+            if self.include_usage:
+                chunk += self.prefix + f'"choices":[],"usage":{json.dumps(_usage(req))}}}\n\n'
+            chunk += "data: [DONE]\n\n"
+        state.metrics.sent(state.engine.clock() - ev.due)
+        self.sink.write({"type": "http.response.body", "body": chunk.encode(), "more_body": not ev.finish_reason})
+        if ev.finish_reason:
+            self._close()
+
+    def _close(self) -> None:
+        def done(_=None):
+            if not self.closed.done():
+                self.closed.set_result(None)
+
+        if self.sink.idle is not None and not self.sink.idle.done():
+            self.sink.idle.add_done_callback(done)
+        else:
+            done()
 
 
 async def _whole(req, model: str, state: ServeState, chat: bool) -> dict:

@@ -19,6 +19,8 @@ from typing import Callable
 
 from dooly.records import Batch
 
+WAKE_EARLY_S = 0.002  # event-loop timers fire up to a millisecond late; the last stretch is waited out by yielding
+
 
 @dataclass
 class TokenEvent:
@@ -34,6 +36,7 @@ class LiveRequest:
     max_tokens: int
     arrival: float  # the clock's time it was submitted
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    on_token: Callable | None = None  # called with each TokenEvent as it falls due, instead of queueing it
     emitted: int = 0
     first_due: float | None = None
     last_due: float | None = None
@@ -143,9 +146,11 @@ class LiveEngine:
             now = clock()
             start = end if end is not None and end <= now else now
             end = start + self.step_latency(s.batch)
-            delay = end - clock()
-            if delay > 0:
+            delay = end - clock() - WAKE_EARLY_S
+            if delay > 0:  # the loop's timers round to milliseconds: wake early, then yield until due
                 await asyncio.sleep(delay)
+            while clock() < end:
+                await asyncio.sleep(0)
             self.steps += 1
             done = self._deliver(s, end)
             await asyncio.sleep(0)  # the tokens go out before the bookkeeping and the next step's scheduling
@@ -165,11 +170,14 @@ class LiveEngine:
             last = rid in finished or req.emitted + 1 >= req.max_tokens
             event = TokenEvent(req.emitted, due, "length" if last else None)
             req.emitted += 1
-            req.events.put_nowait(event)
-            out.append((req, event))
             if last:
                 req.done = True
                 del requests[rid]
+            if req.on_token is not None:
+                req.on_token(event)
+            else:
+                req.events.put_nowait(event)
+            out.append((req, event))
         return out
 
     def _account(self, s, delivered: list, due: float) -> None:

@@ -67,8 +67,12 @@ class TokenCounter:
         """The text of output token `index`: a token of the vocabulary rendered by the tokenizer, or a word."""
         if self.tokenizer is not None:
             vocab = self.tokenizer.get_vocab_size()
-            tid = 3 + (request_number * 131 + index * 17) % max(vocab - 3, 1)
-            return " " + self.tokenizer.decode([tid]).strip() if index else self.tokenizer.decode([tid]).strip()
+            tid = (request_number * 131 + index * 17) % vocab
+            for k in range(64):  # special tokens decode to nothing: take the next id that renders
+                text = self.tokenizer.decode([(tid + k) % vocab]).strip()
+                if text:
+                    break
+            return f" {text}" if index else text
         word = WORDS[(request_number + index) % len(WORDS)]
         return f" {word}" if index else word
 
