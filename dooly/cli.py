@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -457,7 +458,8 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="address to listen on"),
     port: int = typer.Option(8000, help="port to listen on"),
     tokenizer: Optional[str] = typer.Option(None, help="a tokenizer.json (or its folder) to count prompt tokens "
-                                            "exactly; default: approximate, 4 characters per token"),
+                                            "exactly, or 'words' (the catalog's word tokenizer: `dooly export "
+                                            "tokenizer`); default: approximate, 4 characters per token"),
     served_model_name: Optional[list[str]] = typer.Option(None, help="name(s) clients use (default: MODEL)"),
     dtype: str = typer.Option("bfloat16"),
     max_num_batched_tokens: int = typer.Option(DEFAULT_OPTIONS.max_num_batched_tokens, help=_TOKENS_HELP),
@@ -732,6 +734,31 @@ _GRID_HELP = "engine option NAME=V1,V2 as vLLM spells it (max_num_seqs, max_num_
              "repeatable; default: max_num_seqs=64,128,256 x max_num_batched_tokens=1024,2048,4096"
 _SEARCH_WORKLOAD_HELP = "a workload file or synthetic spec (as for simulate): its request lengths are served, " \
                         "its arrivals replaced by seeded Poisson arrivals at each rate tried"
+
+
+@export_app.command("tokenizer")
+def export_tokenizer(
+    model: str = typer.Argument(..., help="HF id from the catalog, or a path to config.json / its folder"),
+    out: str = typer.Option(..., "--out", help="folder for tokenizer.json and tokenizer_config.json"),
+) -> None:
+    """A local tokenizer for MODEL whose counts are exact (one word, one token), for `vllm serve
+    --tokenizer`, `vllm bench serve --tokenizer` and `dooly serve --tokenizer`: no download."""
+    from dooly.catalog import resolve
+    from dooly.catalog.tokenizer import write_tokenizer
+
+    try:
+        spec = resolve(model)
+        folder = Path(out)
+        if folder.exists() and any(folder.iterdir()):
+            raise DoolyError(f"--out {out} exists and is not empty")
+        try:
+            write_tokenizer(spec.config, folder)
+        except (KeyError, ValueError) as e:
+            raise DoolyError(f"{model}: cannot build its word tokenizer ({e})") from None
+    except DoolyError as e:
+        _fail(e)
+    console.print(Text(f"wrote {folder}/tokenizer.json ({spec.config['vocab_size']} words w0..w"
+                       f"{spec.config['vocab_size'] - 1}, specials named)"))
 
 
 def _run_search(models, workload, slo, grid, db, requests, rate_min, rate_max, tolerance, seed, ray_address,

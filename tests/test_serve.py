@@ -246,3 +246,22 @@ def test_bad_start_up_is_one_line(profiled, tmp_path):
                        capture_output=True, text=True, timeout=300)
     lines = [x for x in p.stderr.splitlines() if x.strip()]
     assert p.returncode == 2 and len(lines) == 1 and "no tokenizer.json" in lines[0], p.stderr[-2000:]
+
+
+def test_word_tokenizer_counts_exactly_for_serve_and_export(tmp_path):
+    """`--tokenizer words` counts as the tokenizer `dooly export tokenizer` writes for vLLM: one word,
+    one token, plus the BOS a Llama tokenizer adds; chat prompts through its template."""
+    from dooly.catalog import resolve
+    from dooly.serve.text import TokenCounter
+
+    config = resolve(NAME).config
+    words = TokenCounter("words", config)
+    assert words.exact and words.count("w5 w17 w300") == 4
+    assert words.count_chat([{"role": "user", "content": "w5 w6"}, {"role": "user", "content": "w7"}]) == 4
+    p = subprocess.run([DOOLY, "export", "tokenizer", NAME, "--out", str(tmp_path / "tok")], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    exported = TokenCounter(str(tmp_path / "tok"))
+    for text in ("w5 w17 w300", "w1 w2 w7999 zzz", ""):
+        assert exported.count(text) == words.count(text)
+    assert words.piece(0, 3) and words.piece(1, 3).startswith(" w")

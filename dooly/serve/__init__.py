@@ -41,8 +41,8 @@ def prepare(model: str, *, db: str | None = None, deployment: Deployment | None 
 
     if not time_scale > 0:
         raise DoolyError(f"time scale must be > 0, got {time_scale}")
-    counter = TokenCounter(tokenizer)
     d = deployment or Deployment.resolve(model, **resolve)
+    counter = TokenCounter(tokenizer, d.spec.config)
     trace, predictor = model_context(d, db)
     step = StepPredictor(trace, predictor)
     step(_probe_batch())  # every fit the predictor needs, before the first request

@@ -45,6 +45,8 @@ class ServingMetrics:
                          "time_to_first_token")
         self.itl = hist("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
                         "inter_token_latency")
+        self.tpot = hist("vllm:request_time_per_output_token_seconds",
+                         "Histogram of time_per_output_token_seconds per request.", "inter_token_latency")
         self.e2e = hist("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
                         "request_latency")
         self.request_prompt = hist("vllm:request_prompt_tokens", "Number of prefill tokens processed.",
@@ -80,6 +82,8 @@ class ServingMetrics:
         if reason == "abort":
             return
         self.e2e.observe(req.last_due - req.arrival)
+        if req.emitted > 1:
+            self.tpot.observe((req.last_due - req.first_due) / (req.emitted - 1))
         self.request_prompt.observe(req.prompt_tokens)
         self.request_generation.observe(req.emitted)
 

@@ -16,12 +16,26 @@ WORDS = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", 
 
 
 class TokenCounter:
-    def __init__(self, tokenizer: str | None = None):
+    """`tokenizer`: a tokenizer.json or its folder; "words": the catalog's word tokenizer for `config`
+    (`dooly.catalog.tokenizer`: one word, one token; what `dooly export tokenizer` writes for vLLM)."""
+
+    def __init__(self, tokenizer: str | None = None, config: dict | None = None):
         self.tokenizer = None
         self.chat_template = None
         self.special: dict = {}
         self.source = "approximate: 4 characters per token"
         if tokenizer is None:
+            return
+        if tokenizer == "words":
+            from dooly.catalog.tokenizer import adds_bos, build_tokenizer, chat_template, special_tokens
+
+            if config is None:
+                raise DoolyError("--tokenizer words needs the model's config")
+            self.tokenizer = build_tokenizer(config)
+            self.chat_template = chat_template(adds_bos(config))
+            self.special = {f"{role}_token": r[0] for role, r in special_tokens(config).items()
+                            if r and role in ("bos", "eos")}
+            self.source = "exact: the catalog's word tokenizer (one word, one token)"
             return
         from tokenizers import Tokenizer
 
