@@ -11,12 +11,16 @@ finish for up to `drain_s` seconds, then exits; a second signal exits at once.
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import sys
 from dataclasses import dataclass
 
 from dooly.deployment import Deployment
 from dooly.errors import DoolyError
+
+
+GC_THRESHOLD = 50_000  # allocations between young-generation collections (CPython's default: 700)
 
 
 @dataclass
@@ -127,6 +131,11 @@ def run(served: Served, host: str = "127.0.0.1", port: int = 8000, drain_s: floa
         nonlocal loop, state
         loop = asyncio.get_running_loop()
         app, state = build(served)
+        # what start-up built (trace, fits, scheduler) never becomes garbage: keep the collector off
+        # it, and collect young objects less often, so a collection does not stall a step's tokens
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
         config = uvicorn.Config(app, host=host, port=port, log_level="critical", access_log=False,
                                 http="httptools", timeout_graceful_shutdown=5, lifespan="on")
         server.__init__(config)
